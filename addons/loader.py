@@ -132,7 +132,10 @@ class _Load:
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line = mark.line + 1 if mark else None
-            what = " ".join(str(x) for x in (e.context, e.problem) if x)
+            what = str(e.problem or e.context)
+            if e.context and e.context_mark and e.context_mark.line + 1 != line:
+                what += f" ({e.context.removeprefix('while scanning ')} started at line "
+                what += f"{e.context_mark.line + 1})"
             self.problems.append(Problem(str(self.path), line, "", f"YAML syntax error: {what}"))
             raise self.fail() from None
         except yaml.YAMLError as e:
