@@ -1,0 +1,79 @@
+"""CORS: preflights from allowed origins are answered here; other origins are refused."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mitmproxy import http
+
+from keyswap import problem
+from keyswap.config import Proxy
+from keyswap.tokens import TOKEN_HEADERS
+
+if TYPE_CHECKING:
+    from keyswap.settings import Settings
+
+MAX_AGE_S = "600"
+EXPOSED = ", ".join((problem.CODE_HEADER, problem.MESSAGE_HEADER, problem.REQUEST_ID_HEADER))
+
+
+def origin_allowed(proxy: Proxy, origin: str) -> bool:
+    return "*" in proxy.allowed_origins or origin.lower().rstrip("/") in proxy.allowed_origins
+
+
+class Cors:
+    """Browser access: an `Origin` must be in the proxy's `allowed_origins`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or problem.PROXY not in flow.metadata:
+            return
+        origin = flow.request.headers.get("origin")
+        if origin is None:
+            return
+        proxy_id = flow.metadata[problem.PROXY]
+        proxy = self.settings.runtime.config.proxies[proxy_id]
+        if not origin_allowed(proxy, origin):
+            problem.deny(flow, 403, "origin", f"origin {origin} may not call this proxy")
+            return
+        flow.metadata[problem.CORS_ORIGIN] = origin
+        request = flow.request
+        if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+            methods = proxy.methods or [request.headers["access-control-request-method"].upper()]
+            requested = request.headers.get("access-control-request-headers", "")
+            allow_headers = requested or ", ".join(("content-type", *TOKEN_HEADERS))
+            flow.response = http.Response.make(
+                204,
+                b"",
+                {
+                    "access-control-allow-methods": ", ".join(methods),
+                    "access-control-allow-headers": allow_headers,
+                    "access-control-max-age": MAX_AGE_S,
+                },
+            )
+            flow.metadata[problem.ANSWERED] = True
+            problem.decide(flow, problem.GRANTED, "CORS preflight answered by keyswap")
+            problem.stamp(flow, flow.response)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None:
+            return
+        for name in [n for n in response.headers if n.lower().startswith("access-control-")]:
+            if not flow.metadata.get(problem.ANSWERED):
+                del response.headers[name]
+        origin = flow.metadata.get(problem.CORS_ORIGIN)
+        if origin:
+            response.headers["access-control-allow-origin"] = origin
+            response.headers["access-control-expose-headers"] = EXPOSED
+            response.headers["vary"] = _vary(response.headers.get("vary"))
+
+
+def _vary(existing: str | None) -> str:
+    if not existing:
+        return "Origin"
+    if "origin" in (v.strip().lower() for v in existing.split(",")):
+        return existing
+    return f"{existing}, Origin"

@@ -1,0 +1,111 @@
+"""What the gateway decided, and how it says so: keyswap-* headers and RFC 9457
+problem+json bodies. Decisions other addons need live in `flow.metadata`."""
+
+from __future__ import annotations
+
+import json
+from typing import Final, Literal
+
+from mitmproxy import http
+
+# flow.metadata keys
+REQUEST_ID = "keyswap.request_id"
+PROXY = "keyswap.proxy"
+ROUTE = "keyswap.route"
+REST = "keyswap.rest"
+TARGET = "keyswap.target"
+UPSTREAM_PROXY = "keyswap.upstream_proxy"
+CODE = "keyswap.code"
+MESSAGE = "keyswap.message"
+ERROR = "keyswap.error"
+RESERVED = "keyswap.reserved"
+ANSWERED = "keyswap.answered"  # the gateway answered the request itself
+DESTINATION = "keyswap.destination"
+CORS_ORIGIN = "keyswap.cors_origin"
+SECRET_HEADER = "keyswap.secret_header"
+SECRET_QUERY = "keyswap.secret_query"
+
+# response headers
+CODE_HEADER = "keyswap-proxy-code"
+MESSAGE_HEADER = "keyswap-proxy-message"
+REQUEST_ID_HEADER = "keyswap-request-id"
+
+GRANTED: Final = "proxy-access-granted"
+DENIED: Final = "proxy-access-denied"
+PROXY_ERROR: Final = "proxy-error"
+Code = Literal["proxy-access-granted", "proxy-access-denied", "proxy-error"]
+
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    429: "Too Many Requests",
+    502: "Bad Gateway",
+    504: "Gateway Timeout",
+}
+
+
+def one_line(text: str) -> str:
+    """A header-safe single line of printable ASCII."""
+    cleaned = "".join(c if " " <= c <= "~" else " " for c in text)
+    return " ".join(cleaned.split())[:300]
+
+
+def decide(flow: http.HTTPFlow, code: Code, message: str) -> None:
+    flow.metadata[CODE] = code
+    flow.metadata[MESSAGE] = one_line(message)
+
+
+def stamp(flow: http.HTTPFlow, response: http.Response) -> None:
+    """Put the keyswap-* headers on a response the gateway sends or passes on."""
+    response.headers[CODE_HEADER] = flow.metadata.get(CODE, GRANTED)
+    response.headers[MESSAGE_HEADER] = flow.metadata.get(MESSAGE, "")
+    response.headers[REQUEST_ID_HEADER] = flow.metadata.get(REQUEST_ID, "")
+
+
+def make(
+    flow: http.HTTPFlow,
+    status: int,
+    reason: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> http.Response:
+    """A gateway-made application/problem+json response, with the keyswap-* headers.
+    `reason` is a slug (`wrong-token`, `rate-limit`, ...) that becomes the problem type."""
+    code: Code = PROXY_ERROR if status >= 500 else DENIED
+    decide(flow, code, message)
+    request_id = flow.metadata.get(REQUEST_ID, "")
+    body = {
+        "type": f"urn:keyswap:problem:{reason}",
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "detail": flow.metadata[MESSAGE],
+        "request_id": request_id,
+    }
+    response = http.Response.make(
+        status,
+        json.dumps(body).encode(),
+        {
+            "content-type": "application/problem+json",
+            "cache-control": "no-store",
+            **(headers or {}),
+        },
+    )
+    stamp(flow, response)
+    return response
+
+
+def deny(
+    flow: http.HTTPFlow,
+    status: int,
+    reason: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Refuse the request: the client gets a problem response, the target nothing."""
+    # mitmproxy cannot answer while streaming the upload on; the body is read and dropped.
+    flow.request.stream = False
+    flow.response = make(flow, status, reason, message, headers)
+    flow.metadata[ANSWERED] = True

@@ -1,0 +1,139 @@
+"""Where a request goes: `<route>/<rest>` onto the target's base URL, or the full-URL
+form restricted to the target's origin and its `allowed_hosts`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from mitmproxy import http
+
+from keyswap import problem
+from keyswap.config import Target
+
+if TYPE_CHECKING:
+    from keyswap.settings import Settings
+
+_FULL_URL = re.compile(r"/+(https?):", re.IGNORECASE)
+
+
+class Refused(ValueError):
+    """The request names a destination the proxy may not reach."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where the request goes, and its path relative to the target (for rules)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str  # with the query
+    relative: str  # decoded, dot-free, without the query
+
+    @property
+    def url(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = "" if self.port == default else f":{self.port}"
+        return f"{self.scheme}://{host}{port}{self.path}"
+
+
+def decoded(path: str) -> str:
+    """Percent-decoded until stable (so `%252e` cannot hide a `.`); `\\` counts as `/`."""
+    for _ in range(4):
+        once = unquote(path, errors="surrogateescape")
+        if once == path:
+            break
+        path = once
+    return path.replace("\\", "/")
+
+
+def normalize(path: str) -> str:
+    """The decoded path with `.` and `..` resolved. Raises `Refused` when `..` would
+    climb above the start."""
+    out: list[str] = []
+    for segment in decoded(path).split("/"):
+        if segment == "..":
+            if not out:
+                raise Refused("the path climbs above the target's base path ('..')")
+            out.pop()
+        elif segment not in ("", "."):
+            out.append(segment)
+    return "/" + "/".join(out)
+
+
+def origin_of(scheme: str, host: str, port: int) -> str:
+    default = 443 if scheme == "https" else 80
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + ("" if port == default else f":{port}")
+
+
+def resolve(target: Target, rest: str, query: str) -> Destination:
+    """The destination of `rest` (the path after the route) on `target`."""
+    base = urlsplit(target.base_url)
+    base_scheme, base_host = base.scheme, base.hostname or ""
+    base_port = base.port or (443 if base_scheme == "https" else 80)
+    base_path = base.path.rstrip("/")
+    suffix = f"?{query}" if query else ""
+
+    if _FULL_URL.match(decoded(rest)):
+        return _full_url(target, rest, suffix, (base_scheme, base_host, base_port), base_path)
+
+    relative = normalize(rest)
+    path = base_path + (rest if rest.startswith("/") else "/" + rest if rest else "")
+    return Destination(base_scheme, base_host, base_port, (path or "/") + suffix, relative)
+
+
+def _full_url(
+    target: Target, rest: str, suffix: str, base: tuple[str, str, int], base_path: str
+) -> Destination:
+    raw = rest.lstrip("/")
+    if not re.match(r"https?://", raw, re.IGNORECASE):
+        raise Refused("a full URL must be written plainly as https://host/path")
+    parts = urlsplit(raw)
+    if "@" in parts.netloc:
+        raise Refused("a full URL may not carry user information ('@')")
+    try:
+        port = parts.port
+    except ValueError:
+        raise Refused("the full URL has an invalid port") from None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if not host:
+        raise Refused("the full URL names no host")
+    port = port or (443 if scheme == "https" else 80)
+    origin = origin_of(scheme, host, port)
+    relative = normalize(parts.path or "/")
+    if origin == origin_of(*base):
+        if base_path and not (relative == base_path or relative.startswith(base_path + "/")):
+            raise Refused(f"the full URL leaves the target's base path {base_path}")
+        relative = relative[len(base_path) :] or "/"
+    elif origin not in target.allowed_hosts:
+        raise Refused(f"{origin} is neither the target's origin nor in its allowed_hosts")
+    return Destination(scheme, host, port, (parts.path or "/") + suffix, relative)
+
+
+class Rewrite:
+    """Sends a granted request to its target: scheme, host, port, path and Host header."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
+            return
+        dest = flow.metadata[problem.DESTINATION]
+        request = flow.request
+        request.scheme = dest["scheme"]
+        request.host = dest["host"]
+        request.port = dest["port"]
+        request.path = dest["path"]
+        # Origin-form to the target, whatever form the client used.
+        request.authority = ""
+        request.host_header = origin_of(dest["scheme"], dest["host"], dest["port"]).split("://", 1)[
+            1
+        ]
+        target_id = flow.metadata[problem.TARGET]
+        problem.decide(flow, problem.GRANTED, f"forwarded to target '{target_id}'")

@@ -1,0 +1,75 @@
+"""Routing: the request path's prefix picks the proxy, on whole path segments."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from mitmproxy import http
+
+from keyswap import problem
+from keyswap.config import RESERVED_PREFIX
+
+if TYPE_CHECKING:
+    from keyswap.settings import Settings
+
+
+class RouteTable:
+    """Longest-prefix match on whole segments: `/api/crm` never matches `/api/crm-prod/x`."""
+
+    def __init__(self, routes: Iterable[tuple[str, str]]) -> None:
+        self._routes: dict[str, str] = {}
+        for route, proxy_id in routes:
+            self._routes.setdefault(route, proxy_id)
+        self._lengths = sorted({len(r) for r in self._routes}, reverse=True)
+
+    def match(self, path: str) -> tuple[str, str, str] | None:
+        """`(proxy_id, route, rest)` for a path (query excluded), or None. `rest` keeps
+        the leading '/' (or is empty when the path is the route itself)."""
+        for n in self._lengths:
+            prefix = path[:n]
+            proxy_id = self._routes.get(prefix)
+            if proxy_id is None:
+                continue
+            rest = path[n:]
+            if prefix == "/":
+                return proxy_id, prefix, path
+            if rest == "" or rest.startswith("/"):
+                return proxy_id, prefix, rest
+        return None
+
+
+def new_request_id() -> str:
+    """Time-ordered, unique: sorts by start time in the activity log."""
+    return f"{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:14]}"
+
+
+class Router:
+    """Gives every flow its request id and finds the proxy its path belongs to."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        flow.metadata[problem.REQUEST_ID] = new_request_id()
+        try:
+            flow.request.data.path.decode("utf-8")
+        except UnicodeDecodeError:
+            problem.deny(flow, 400, "bad-request", "the path is not UTF-8; percent-encode it")
+            return
+        path = flow.request.path.split("?", 1)[0]
+        if path == RESERVED_PREFIX or path.startswith(RESERVED_PREFIX + "/"):
+            flow.metadata[problem.RESERVED] = True
+            return
+        match = self.settings.runtime.routes.match(path)
+        if match is None:
+            problem.deny(flow, 404, "unknown-route", "no proxy is configured for this path")
+            return
+        proxy_id, route, rest = match
+        flow.metadata[problem.PROXY] = proxy_id
+        flow.metadata[problem.ROUTE] = route
+        flow.metadata[problem.REST] = rest

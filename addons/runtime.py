@@ -1,0 +1,50 @@
+"""The config compiled for serving: route table, token index and rate limiters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keyswap.config import Config, parse_rate_limit
+from keyswap.loader import LoadedConfig
+from keyswap.policy import RateLimiter
+from keyswap.routing import RouteTable
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One immutable snapshot of what the gateway serves; swapped whole on reload."""
+
+    loaded: LoadedConfig | None
+    routes: RouteTable = field(default_factory=lambda: RouteTable(()))
+    tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # digest -> proxy, token id
+    limiters: dict[str, RateLimiter] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Config:
+        if self.loaded is None:
+            raise RuntimeError("keyswap has no configuration loaded")
+        return self.loaded.config
+
+    @classmethod
+    def build(cls, loaded: LoadedConfig, previous: Runtime | None = None) -> Runtime:
+        config = loaded.config
+        # Served proxies claim their routes first; the others stay routable so that a
+        # request to them is told why it is refused instead of "unknown route".
+        order = sorted(config.proxies, key=lambda p: not config.serves(p))
+        routes = RouteTable((r, pid) for pid in order for r in config.routes_of(pid))
+        tokens = {
+            t.sha256: (pid, t.id) for pid, proxy in config.proxies.items() for t in proxy.tokens
+        }
+        limiters: dict[str, RateLimiter] = {}
+        old = previous.limiters if previous else {}
+        old_config = previous.loaded.config if previous and previous.loaded else None
+        for pid, proxy in config.proxies.items():
+            if proxy.rate_limit is None:
+                continue
+            kept = old.get(pid)
+            was = old_config.proxies.get(pid) if old_config else None
+            if kept is not None and was is not None and was.rate_limit == proxy.rate_limit:
+                limiters[pid] = kept  # a reload does not reset the bucket
+            else:
+                limiters[pid] = RateLimiter(*parse_rate_limit(proxy.rate_limit))
+        return cls(loaded, routes, tokens, limiters)

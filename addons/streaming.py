@@ -1,0 +1,39 @@
+"""Streaming: large or unbounded bodies pass through without being held in memory;
+server-sent events pass event by event."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from keyswap import problem
+
+# Bodies up to this size are buffered (cheap, and visible in mitmweb); larger ones stream.
+BUFFER_LIMIT = 64 * 1024
+
+
+def _unbounded_or_large(message: http.Message) -> bool:
+    length = message.headers.get("content-length")
+    if length is None:
+        return "transfer-encoding" in message.headers or isinstance(message, http.Response)
+    try:
+        return int(length) > BUFFER_LIMIT
+    except ValueError:
+        return True
+
+
+class Streaming:
+    """Turns on mitmproxy's per-flow streaming where holding the body would cost memory."""
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
+            return
+        if _unbounded_or_large(flow.request):
+            flow.request.stream = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None or flow.metadata.get(problem.ANSWERED):
+            return
+        event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+        if event_stream or _unbounded_or_large(response):
+            response.stream = True

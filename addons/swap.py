@@ -1,0 +1,86 @@
+"""The credential swap: the target credential goes on the request at the last step,
+and comes off the stored flow as soon as the flow completes."""
+
+from __future__ import annotations
+
+import base64
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from mitmproxy import http
+
+from keyswap import problem
+from keyswap.config import (
+    BasicCredential,
+    BearerCredential,
+    HeaderCredential,
+    OAuth2Credential,
+    QueryCredential,
+)
+
+if TYPE_CHECKING:
+    from keyswap.settings import Settings
+
+MASK = "********"
+
+
+def with_query_param(path: str, name: str, value: str) -> str:
+    """`path` with every `name=` parameter replaced by one `name=value`; the rest of the
+    query string is kept byte for byte."""
+    base, _, query = path.partition("?")
+    key = quote(name, safe="")
+    kept = [p for p in query.split("&") if p and p.split("=", 1)[0] != key]
+    return f"{base}?{'&'.join([*kept, f'{key}={quote(value, safe="*")}'])}"
+
+
+class CredentialSwap:
+    """Puts the target credential on granted requests; masks it once the flow is done."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
+            return
+        config = self.settings.runtime.config
+        target = config.targets[flow.metadata[problem.TARGET]]
+        credential = config.credentials[target.credential]
+        request = flow.request
+        match credential:
+            case BearerCredential(token=token):
+                request.headers["authorization"] = f"Bearer {token.get_secret_value()}"
+                flow.metadata[problem.SECRET_HEADER] = "authorization"
+            case BasicCredential(username=user, password=password):
+                pair = f"{user}:{password.get_secret_value()}".encode()
+                request.headers["authorization"] = "Basic " + base64.b64encode(pair).decode()
+                flow.metadata[problem.SECRET_HEADER] = "authorization"
+            case HeaderCredential(name=name, value=value):
+                request.headers[name] = value.get_secret_value()
+                flow.metadata[problem.SECRET_HEADER] = name
+            case QueryCredential(name=name, value=value):
+                request.path = with_query_param(request.path, name, value.get_secret_value())
+                flow.metadata[problem.SECRET_QUERY] = name
+            case OAuth2Credential():
+                problem.deny(
+                    flow,
+                    502,
+                    "credential",
+                    f"target '{flow.metadata[problem.TARGET]}' uses an oauth2 credential, "
+                    "which this keyswap version cannot fetch yet",
+                )
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        mask(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        mask(flow)
+
+
+def mask(flow: http.HTTPFlow) -> None:
+    """Replace the target credential in the stored request with `********`."""
+    header = flow.metadata.get(problem.SECRET_HEADER)
+    if header and header in flow.request.headers:
+        flow.request.headers[header] = MASK
+    param = flow.metadata.get(problem.SECRET_QUERY)
+    if param:
+        flow.request.path = with_query_param(flow.request.path, param, MASK)
