@@ -154,6 +154,10 @@ class _Load:
             for k, v in node.value:
                 name = str(k.value)
                 child = (*key, name)
+                if k.tag != "tag:yaml.org,2002:str":
+                    self.lines[child] = k.start_mark.line + 1
+                    kind = k.tag.rsplit(":", 1)[-1]
+                    self.error(child, f"YAML reads this key as a {kind}; quote it: '{name}'")
                 if name in seen:
                     self.lines[child] = k.start_mark.line + 1
                     self.error(child, "duplicate key; YAML would silently keep only the last one")

@@ -44,6 +44,9 @@ class Settings:
     def configure(self, updated: set[str]) -> None:
         if updated & {"mode", "keep_host_header", "stream_large_bodies"}:
             check_options()
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            # Eager mode would connect to the reverse-mode placeholder before routing.
+            ctx.options.update(connection_strategy="lazy")
         if "keyswap_config" in updated and ctx.options.keyswap_config:
             path = ctx.options.keyswap_config
             try:
@@ -64,9 +67,6 @@ class Settings:
                 "keyswap: no configuration; start with --set keyswap_config=config/keyswap.yaml"
             )
             return
-        if ctx.options.connection_strategy != "lazy":
-            # Eager mode would connect to the reverse-mode placeholder before routing.
-            ctx.options.update(connection_strategy="lazy")
         self._watch = asyncio.get_running_loop().create_task(self._poll_forever())
 
     def done(self) -> None:

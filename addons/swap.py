@@ -10,6 +10,7 @@ from urllib.parse import quote
 from mitmproxy import http
 
 from keyswap import problem
+from keyswap.tokens import TOKEN_HEADERS
 from keyswap.config import (
     BasicCredential,
     BearerCredential,
@@ -77,10 +78,12 @@ class CredentialSwap:
 
 
 def mask(flow: http.HTTPFlow) -> None:
-    """Replace the target credential in the stored request with `********`."""
-    header = flow.metadata.get(problem.SECRET_HEADER)
-    if header and header in flow.request.headers:
-        flow.request.headers[header] = MASK
+    """Replace the target credential and any proxy token in the stored request with
+    `********` (a refused request still carries the client's token)."""
+    headers = flow.request.headers
+    for name in (*TOKEN_HEADERS, flow.metadata.get(problem.SECRET_HEADER)):
+        if name and name in headers:
+            headers[name] = MASK
     param = flow.metadata.get(problem.SECRET_QUERY)
     if param:
         flow.request.path = with_query_param(flow.request.path, param, MASK)
