@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
-from mitmproxy.proxy.mode_specs import ReverseMode
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from keyswap.loader import ConfigError, ConfigSource, LoadedConfig
 from keyswap.runtime import Runtime
@@ -42,7 +42,7 @@ class Settings:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if updated & {"mode", "keep_host_header", "stream_large_bodies"}:
+        if updated & {"keep_host_header", "stream_large_bodies"}:
             check_options()
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # Eager mode would connect to the reverse-mode placeholder before routing.
@@ -62,6 +62,11 @@ class Settings:
             logger.info("keyswap: serving %s (%s)", path, _describe(source.current))
 
     def running(self) -> None:
+        # Checked here, not in configure: a rollback to mitmproxy's default mode would
+        # fail the same check again. An error logged at start-up makes mitmproxy exit 1.
+        if problem := mode_problem(ctx.options.mode):
+            logger.error("keyswap: %s", problem)
+            return
         if self.source is None:
             logger.error(
                 "keyswap: no configuration; start with --set keyswap_config=config/keyswap.yaml"
@@ -114,16 +119,15 @@ class Settings:
         return Path(ctx.options.keyswap_config).parent / "keyswap.db"
 
 
+def mode_problem(modes: list[str]) -> str | None:
+    """keyswap is a reverse proxy in front of many targets: every listener must be reverse."""
+    if modes and all(isinstance(ProxyMode.parse(m), ReverseMode) for m in modes):
+        return None
+    return f"keyswap runs in reverse mode: --mode reverse:http://unused.invalid@8080 (got {modes})"
+
+
 def check_options() -> None:
-    """keyswap is a reverse proxy in front of many targets; refuse settings that break that."""
-    modes = ctx.options.mode
-    if not modes or not all(m.startswith("reverse:") for m in modes):
-        raise exceptions.OptionsError(
-            "keyswap runs in reverse mode: --mode reverse:http://unused.invalid@8080 "
-            f"(got mode {modes})"
-        )
-    for spec in modes:
-        ReverseMode.parse(spec)
+    """Refuse mitmproxy settings that would undo what keyswap does per request."""
     if ctx.options.keep_host_header:
         raise exceptions.OptionsError(
             "keyswap rewrites the Host header for each target; unset keep_host_header"

@@ -10,7 +10,6 @@ from urllib.parse import quote
 from mitmproxy import http
 
 from keyswap import problem
-from keyswap.tokens import TOKEN_HEADERS
 from keyswap.config import (
     BasicCredential,
     BearerCredential,
@@ -18,6 +17,7 @@ from keyswap.config import (
     OAuth2Credential,
     QueryCredential,
 )
+from keyswap.tokens import TOKEN_HEADERS
 
 if TYPE_CHECKING:
     from keyswap.settings import Settings

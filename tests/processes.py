@@ -76,10 +76,10 @@ def _status_kib(pid: int, key: str) -> int:
 
 
 def start(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Process:
-    out = log.open("wb")
-    proc = subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT
-    )
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT
+        )
     process = Process(proc, port, log)
     try:
         wait_for_port(port, proc)

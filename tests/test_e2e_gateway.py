@@ -153,9 +153,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, blackhole: int) -> Iterator[
     config = tmp / "keyswap.yaml"
     config.write_text(config_text(tokens, echo.port, tls_echo.port, tmp / "ca.pem", blackhole))
     stream = tmp / "flows.mitm"
-    gateway = start_gateway(
-        config, tmp, extra=["--set", f"save_stream_file={stream}"], env=ENV
-    )
+    gateway = start_gateway(config, tmp, extra=["--set", f"save_stream_file={stream}"], env=ENV)
     yield World(gateway, echo, tls_echo, tokens, tmp)
     gateway.stop()
     echo.stop()
@@ -266,7 +264,14 @@ def test_post_body_passes_unchanged(world: World) -> None:
 
 def test_curl_sees_the_swap(world: World) -> None:
     out = subprocess.run(
-        ["curl", "-s", "-i", world.url("/api/crm-prod/hello"), "-H", f"x-proxy-token: {world.tokens['bearer']}"],
+        [
+            "curl",
+            "-s",
+            "-i",
+            world.url("/api/crm-prod/hello"),
+            "-H",
+            f"x-proxy-token: {world.tokens['bearer']}",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -297,7 +302,11 @@ def test_no_token(world: World) -> None:
 
 
 def test_wrong_token(world: World) -> None:
-    problem(httpx.get(world.url("/api/crm-prod/x"), headers={"authorization": "Bearer ks_nope"}), 401, "wrong-token")
+    problem(
+        httpx.get(world.url("/api/crm-prod/x"), headers={"authorization": "Bearer ks_nope"}),
+        401,
+        "wrong-token",
+    )
 
 
 def test_another_proxys_token(world: World) -> None:
@@ -325,7 +334,10 @@ def test_routes_match_whole_segments(world: World) -> None:
 
 
 def test_method_not_allowed(world: World) -> None:
-    r = httpx.delete(world.url("/api/ruled/public/x"), headers={"authorization": f"Bearer {world.tokens['ruled']}"})
+    r = httpx.delete(
+        world.url("/api/ruled/public/x"),
+        headers={"authorization": f"Bearer {world.tokens['ruled']}"},
+    )
     problem(r, 405, "method")
     assert r.headers["allow"] == "GET, POST"
 
@@ -345,7 +357,9 @@ def test_origin(world: World) -> None:
     assert echoed(ok) and ok.headers["access-control-allow-origin"] == "https://app.example.com"
     assert "keyswap-proxy-code" in ok.headers["access-control-expose-headers"]
     problem(world.get("/api/web/x", "web", headers={"origin": "https://evil.test"}), 403, "origin")
-    problem(world.get("/api/crm-prod/x", headers={"origin": "https://app.example.com"}), 403, "origin")
+    problem(
+        world.get("/api/crm-prod/x", headers={"origin": "https://app.example.com"}), 403, "origin"
+    )
 
 
 def test_preflight_needs_no_token(world: World) -> None:

@@ -1,0 +1,57 @@
+import pytest
+
+from keyswap.config import Rule
+from keyswap.policy import RateLimiter, glob_regex, rule_verdict
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("/crm/v3/**", "/crm/v3", True),
+        ("/crm/v3/**", "/crm/v3/owners/1", True),
+        ("/crm/v3/**", "/crm/v30", False),
+        ("/crm/*/owners", "/crm/v3/owners", True),
+        ("/crm/*/owners", "/crm/v3/x/owners", False),
+        ("/files/*.json", "/files/a.json", True),
+        ("/x", "/x/", False),
+        ("/a.b", "/aXb", False),
+    ],
+)
+def test_globs(pattern: str, path: str, matches: bool) -> None:
+    assert bool(glob_regex(pattern).fullmatch(path)) is matches
+
+
+RULES = [
+    Rule.model_validate({"deny": {"methods": ["DELETE"]}}),
+    Rule.model_validate({"allow": {"path": "/crm/v3/**"}}),
+    Rule.model_validate({"deny": {}}),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "action"),
+    [
+        ("DELETE", "/crm/v3/x", "deny"),
+        ("GET", "/crm/v3/x", "allow"),
+        ("GET", "/other", "deny"),
+    ],
+)
+def test_first_matching_rule_wins(method: str, path: str, action: str) -> None:
+    rule = rule_verdict(RULES, method, path)
+    assert rule is not None and rule.action == action
+
+
+def test_no_rules_means_allow() -> None:
+    assert rule_verdict([], "GET", "/x") is None
+
+
+def test_token_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("keyswap.policy.time.monotonic", lambda: now[0])
+    limiter = RateLimiter(2, 1)
+    assert limiter.take() == 0 and limiter.take() == 0
+    assert limiter.take() == pytest.approx(0.5)
+    now[0] += 0.5
+    assert limiter.take() == 0
+    now[0] += 10
+    assert limiter.take() == 0 and limiter.take() == 0 and limiter.take() > 0
