@@ -8,6 +8,7 @@
   GET  /sse?events=N&gap=S  -> text/event-stream, one event every S seconds
   GET  /slow?s=S            -> waits S seconds, then answers
   GET  /close-mid-body      -> promises 1000 bytes, sends 10, closes
+  GET  /ws (WebSocket)      -> echoes one text message back with the request's headers
 
 Usage: echo_target.py [--host 127.0.0.1] [--port 9911] [--cert F --key F]
 """
@@ -15,6 +16,7 @@ Usage: echo_target.py [--host 127.0.0.1] [--port 9911] [--cert F --key F]
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import json
@@ -44,7 +46,9 @@ class Handler(BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query)
-        if url.path.startswith("/status/"):
+        if self.headers.get("upgrade", "").lower() == "websocket":
+            self.websocket_echo()
+        elif url.path.startswith("/status/"):
             self.read_body()
             code = int(url.path.rsplit("/", 1)[1])
             self.send_json(code, {"status": code})
@@ -112,6 +116,32 @@ class Handler(BaseHTTPRequestHandler):
                 total += len(chunk)
                 left -= len(chunk)
         self.send_json(200, {"bytes": total, "sha256": digest.hexdigest()})
+
+    def websocket_echo(self) -> None:
+        key = self.headers["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+        self.send_response(101)
+        self.send_header("upgrade", "websocket")
+        self.send_header("connection", "Upgrade")
+        accept = base64.b64encode(hashlib.sha1(key.encode()).digest()).decode()  # noqa: S324
+        self.send_header("sec-websocket-accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        head = self.rfile.read(2)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(self.rfile.read(2), "big")
+        mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
+        reply = json.dumps({"message": data.decode(), "headers": dict(self.headers.items())})
+        payload = reply.encode()
+        size = (
+            bytes([len(payload)])
+            if len(payload) < 126
+            else b"\x7e" + len(payload).to_bytes(2, "big")
+        )
+        self.wfile.write(b"\x81" + size + payload)
+        self.wfile.flush()
+        self.close_connection = True
 
     def send_json(self, code: int, data: object) -> None:
         body = json.dumps(data).encode()

@@ -281,6 +281,47 @@ def test_curl_sees_the_swap(world: World) -> None:
     assert f"Bearer {SECRETS['bearer']}" in out  # the echo target shows what it got
 
 
+def websocket_roundtrip(world: World, token: str) -> bytes:
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    with socket.create_connection(("127.0.0.1", world.gateway.port), timeout=10) as s:
+        s.sendall(
+            f"GET /api/crm-prod/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"x-proxy-token: {token}\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        if not head.startswith(b"HTTP/1.1 101"):
+            return head
+        s.sendall(
+            b"\x81\x85"
+            + b"\x01\x02\x03\x04"
+            + bytes(c ^ b"\x01\x02\x03\x04"[i % 4] for i, c in enumerate(b"hello"))
+        )
+        frame = b""
+        while len(frame) < 4 or len(frame) < 4 + int.from_bytes(frame[2:4], "big"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            frame += chunk
+        return head + b"\n\n" + frame[4:]
+
+
+def test_websocket_upgrade_goes_through_the_same_pipeline(world: World) -> None:
+    out = websocket_roundtrip(world, world.tokens["bearer"])
+    head, _, message = out.partition(b"\n\n")
+    assert head.startswith(b"HTTP/1.1 101"), out
+    assert b"keyswap-proxy-code: proxy-access-granted" in head.lower()
+    reply = json.loads(message)
+    assert reply["message"] == "hello"
+    seen = {k.lower(): v for k, v in reply["headers"].items()}
+    assert seen["authorization"] == f"Bearer {SECRETS['bearer']}"
+    assert "x-proxy-token" not in seen
+    denied = websocket_roundtrip(world, "ks_wrong")
+    assert denied.startswith(b"HTTP/1.1 401")
+
+
 # --- denied -----------------------------------------------------------------------
 
 
