@@ -22,8 +22,6 @@ class Health:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started = time.time()
-        # Other addons contribute sections (e.g. the activity log's queue figures).
-        self.sections: dict[str, Any] = {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not flow.metadata.get(problem.RESERVED):
@@ -58,8 +56,6 @@ class Health:
                 "proxies_served": sum(c.serves(p) for p in c.proxies),
                 "targets": len(c.targets),
             }
-        for name, section in self.sections.items():
-            report[name] = section() if callable(section) else section
         return report
 
 
