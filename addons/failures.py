@@ -20,6 +20,7 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http._events import RequestProtocolError, ResponseProtocolError
 
 from keyswap import problem
+from keyswap.upstream import UPSTREAM
 
 if TYPE_CHECKING:
     from keyswap.settings import Settings
@@ -36,9 +37,17 @@ def failure_response(flow: http.HTTPFlow, error: str) -> http.Response | None:
     if target is None or flow.metadata.get(problem.ANSWERED):
         return None
     flow.metadata[problem.ERROR] = error
+    upstream = flow.metadata.get(UPSTREAM)
+    via = f" via upstream proxy '{upstream}'" if upstream else ""
     if flow.metadata.get(TIMED_OUT):
-        return problem.make(flow, 504, "timeout", f"target '{target}' did not answer in time")
-    return problem.make(flow, 502, "unreachable", f"target '{target}' failed: {error}")
+        return problem.make(flow, 504, "timeout", f"target '{target}'{via} did not answer in time")
+    reason = "upstream-proxy" if upstream and _proxy_step(error) else "unreachable"
+    return problem.make(flow, 502, reason, f"target '{target}'{via} failed: {error}")
+
+
+def _proxy_step(error: str) -> bool:
+    """Whether mitmproxy's error is about the upstream proxy rather than the target."""
+    return "CONNECT" in error or "Upstream proxy" in error or "Connect call failed" in error
 
 
 class GatewayStream(http_layers.HttpStream):
@@ -90,7 +99,7 @@ class Failures:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.TARGET not in flow.metadata:
             return
-        self._connecting[(flow.client_conn.id, (flow.request.host, flow.request.port))] = flow
+        self._connecting[(flow.client_conn.id, _connect_address(flow))] = flow
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address is None:
@@ -134,8 +143,15 @@ class Failures:
         flow.metadata[TIMED_OUT] = True
         proxyserver: Any = ctx.master.addons.get("proxyserver")
         handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
-        if handler is not None and flow.server_conn in handler.transports:
-            handler.close_connection(flow.server_conn)
+        if handler is None:
+            return
+        # Through a CONNECT tunnel the open transport is the one to the proxy.
+        address = _connect_address(flow)
+        for conn in list(handler.transports):
+            if conn is flow.server_conn or (
+                flow.server_conn.via and getattr(conn, "address", None) == address
+            ):
+                handler.close_connection(conn)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -149,6 +165,12 @@ class Failures:
     def _finish(self, flow: http.HTTPFlow) -> None:
         if timer := self._response_timers.pop(flow.id, None):
             timer.cancel()
-        key = (flow.client_conn.id, (flow.request.host, flow.request.port))
+        key = (flow.client_conn.id, _connect_address(flow))
         if self._connecting.get(key) is flow:
             del self._connecting[key]
+
+
+def _connect_address(flow: http.HTTPFlow) -> Address:
+    """The address the gateway opens a TCP connection to for this flow."""
+    via = flow.server_conn.via
+    return via[1] if via else (flow.request.host, flow.request.port)

@@ -14,6 +14,7 @@ from keyswap.settings import Settings
 from keyswap.streaming import Streaming
 from keyswap.swap import CredentialSwap
 from keyswap.tls import TlsToTargets
+from keyswap.upstream import UpstreamProxies
 
 settings = Settings()
 
@@ -27,6 +28,7 @@ addons = [
     Rewrite(settings),
     HeaderFilter(settings),
     CredentialSwap(settings),
+    UpstreamProxies(settings),
     Streaming(),
     Failures(settings),
     TlsToTargets(settings),

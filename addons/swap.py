@@ -78,10 +78,12 @@ class CredentialSwap:
 
 
 def mask(flow: http.HTTPFlow) -> None:
-    """Replace the target credential and any proxy token in the stored request with
-    `********` (a refused request still carries the client's token)."""
+    """Replace the target credential, the upstream proxy's credential and any proxy
+    token in the stored request with `********` (a refused request still carries the
+    client's token)."""
     headers = flow.request.headers
-    for name in (*TOKEN_HEADERS, flow.metadata.get(problem.SECRET_HEADER)):
+    secrets = (*TOKEN_HEADERS, "proxy-authorization", flow.metadata.get(problem.SECRET_HEADER))
+    for name in secrets:
         if name and name in headers:
             headers[name] = MASK
     param = flow.metadata.get(problem.SECRET_QUERY)

@@ -1,5 +1,6 @@
 """TLS to targets with their own `tls:` settings (a private CA, a client certificate,
-or verification off). Other targets use mitmproxy's TLS settings unchanged."""
+or verification off) and to https upstream proxies. Other targets use mitmproxy's TLS
+settings unchanged."""
 
 from __future__ import annotations
 
@@ -74,8 +75,12 @@ class TlsToTargets:
 
     def _settings_for(self, address: tuple[str, int]) -> TargetTls | None:
         """The `tls:` block of the target served at this address, when it is not the default."""
+        config = self.settings.runtime.config
+        for proxy in config.upstream_proxies.values():
+            if proxy.type == "https" and (proxy.host, proxy.port) == address:
+                return TargetTls(verify=proxy.tls.verify, ca_file=proxy.tls.ca_file)
         default = TargetTls()
-        for target in self.settings.runtime.config.targets.values():
+        for target in config.targets.values():
             if target.tls != default and _address(target.base_url) == address:
                 return target.tls
         return None
