@@ -4,7 +4,9 @@ of squid as an HTTPS proxy, and a dead port; direct targets in the same gateway.
 from __future__ import annotations
 
 import base64
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import trustme
 
 from keyswap.tokens import digest, new_token
 
-from .processes import Gateway, Process, free_port, start_echo_target, start_gateway
+from .processes import BIN, Gateway, Process, free_port, start_echo_target, start_gateway
 from .proxies import Squid, have_squid, start_squid, start_stunnel
 
 pytestmark = [
@@ -264,3 +266,47 @@ def test_proxy_password_never_leaves(net: Net) -> None:
     for secret in (PROXY_PASSWORD.encode(), b"not-the-password", TARGET_SECRET.encode(), encoded):
         assert secret not in dump
         assert secret.decode() not in output
+
+
+def run_test_upstream(net: Net, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CORP_PROXY_PASSWORD": PROXY_PASSWORD, "TARGET_SECRET": TARGET_SECRET}
+    cmd = [str(BIN / "keyswap"), "test-upstream", *args, "--config", str(net.gateway.config)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "steps"),
+    [
+        (
+            "corporate",
+            None,
+            ["TCP to the proxy", "proxy authentication", "response from the far side"],
+        ),
+        (
+            "corporate",
+            "https-target",
+            ["proxy authentication", "TLS to localhost", "HTTP/1.0 200|HTTP/1.1 200"],
+        ),
+        ("tls-corp", None, ["TLS to the proxy", "proxy authentication", "TLS to localhost"]),
+    ],
+)
+def test_test_upstream_succeeds(net: Net, name: str, url: str | None, steps: list[str]) -> None:
+    args = [name] if url is None else [name, "--url", f"https://localhost:{net.tls_echo.port}/"]
+    done = run_test_upstream(net, *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.rstrip().endswith("success")
+    for step in steps:
+        assert re.search(step, done.stdout), step
+    assert PROXY_PASSWORD not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "failed_step"),
+    [("wrongpw", "proxy authentication"), ("dead", "TCP to the proxy")],
+)
+def test_test_upstream_names_the_failing_step(net: Net, name: str, failed_step: str) -> None:
+    done = run_test_upstream(net, name)
+    assert done.returncode == 1
+    assert f"FAILED {failed_step}" in done.stdout
+    assert f"failed at: {failed_step}" in done.stderr
+    assert "not-the-password" not in done.stdout + done.stderr
