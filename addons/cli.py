@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+from sqlite_utils import Database
 
 import keyswap
+from keyswap import queries
 from keyswap.config import BasicProxyAuth, json_schema
 from keyswap.connectivity import ProxyCheck
 from keyswap.loader import ConfigError, LoadedConfig, load_config
+from keyswap.store import open_db
 from keyswap.upstream import hostport
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def default_config() -> str:
@@ -240,13 +249,188 @@ def table(rows: list[dict[str, object]], columns: list[str]) -> str:
     """A plain text table; lists are joined with commas."""
 
     def cell(value: object) -> str:
-        return ", ".join(map(str, value)) if isinstance(value, list) else str(value or "")
+        if isinstance(value, list):
+            return ", ".join(map(str, value))
+        return "" if value is None else str(value)
 
     cells = [[cell(row[c]) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+db_option = click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False),
+    help="State database [default: $KEYSWAP_DB, else keyswap.db beside the config].",
+)
+
+
+def open_log(config_path: str, db_path: str | None) -> Database:
+    path = Path(db_path) if db_path else default_db(config_path)
+    if not path.exists():
+        raise click.ClickException(
+            f"no activity log at {path}; pass --db (or set KEYSWAP_DB) to the gateway's database"
+        )
+    return open_db(path)
+
+
+def since_option(help_text: str) -> Callable[[F], F]:
+    return click.option("--since", help=help_text + " (15m, 2h, 1d or an ISO time).")
+
+
+def _fail_on_value_error[T](action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+LOG_COLUMNS = [
+    "started_at",
+    "id",
+    "proxy_id",
+    "method",
+    "status",
+    "proxy_code",
+    "duration_ms",
+    "path",
+]
+
+
+@main.command()
+@config_option
+@db_option
+@click.option("--proxy", help="Only this proxy id.")
+@click.option("--status", help="2xx, 4xx, 5xx or an exact status.")
+@click.option(
+    "--code", type=click.Choice(["proxy-access-granted", "proxy-access-denied", "proxy-error"])
+)
+@since_option("Only rows since then")
+@click.option("--limit", default=50, show_default=True, help="At most this many rows.")
+@click.option("--follow", is_flag=True, help="Keep printing new rows (Ctrl-C stops).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def logs(
+    config_path: str,
+    db_path: str | None,
+    proxy: str | None,
+    status: str | None,
+    code: str | None,
+    since: str | None,
+    limit: int,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    """Show the activity log, newest last.
+
+    \b
+    Example:
+      keyswap logs --proxy crm-prod --status 5xx --since 2h
+    """
+    with closing(open_log(config_path, db_path)) as db:
+        follow_log(db, filters_for(proxy, status, code), since, limit, follow, as_json)
+
+
+def filters_for(proxy: str | None, status: str | None, code: str | None) -> dict[str, Any]:
+    return {"proxy": proxy, "status": status, "code": code}
+
+
+def follow_log(
+    db: Database,
+    filters: dict[str, Any],
+    since: str | None,
+    limit: int,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    """Print matching rows; with `follow`, keep printing new ones once a second."""
+    rows = _fail_on_value_error(lambda: queries.logs(db, **filters, since=since, limit=limit))
+    header = True
+    while True:
+        if as_json:
+            for row in rows:
+                click.echo(json.dumps(row))
+        elif rows or header:
+            lines = table([{c: r[c] for c in LOG_COLUMNS} for r in rows], LOG_COLUMNS)
+            click.echo(lines if header else lines.split("\n", 1)[1])
+            header = False
+        if not follow:
+            return
+        time.sleep(1)
+        if rows:
+            rows = queries.logs(db, **filters, after=rows[-1]["id"], limit=10_000)
+        else:
+            rows = queries.logs(db, **filters, since=since, limit=limit)
+
+
+@main.command()
+@config_option
+@db_option
+@since_option("Only requests since then")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def stats(config_path: str, db_path: str | None, since: str | None, as_json: bool) -> None:
+    """Per proxy: requests, success and error rates, denied, p50/p95/p99 latency, bytes.
+
+    \b
+    Example:
+      keyswap stats --since 1d
+    """
+    with closing(open_log(config_path, db_path)) as db:
+        rows = _fail_on_value_error(lambda: queries.stats(db, since))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = ["proxy", "requests", "success_rate", "error_rate", "denied"]
+    columns += ["p50_ms", "p95_ms", "p99_ms", "bytes_in", "bytes_out"]
+    click.echo(table(rows, columns))
+
+
+@main.command()
+@config_option
+@db_option
+@click.argument("request_id")
+def curl(config_path: str, db_path: str | None, request_id: str) -> None:
+    """Print a logged request as the equivalent curl command, secrets masked.
+
+    \b
+    Example:
+      keyswap curl 01a1fdd8e203642913c39c7a4f
+    """
+    with closing(open_log(config_path, db_path)) as db:
+        found = list(db.query("select * from requests where id = ?", [request_id]))
+    if not found:
+        raise click.ClickException(f"no request {request_id} in the activity log")
+    try:
+        config = load_config(config_path).config
+    except ConfigError:
+        config = None  # the command still prints, without the proxy's address
+    click.echo(_fail_on_value_error(lambda: queries.curl_command(dict(found[0]), config)))
+
+
+@main.command()
+@config_option
+@db_option
+@since_option("Only entries since then")
+@click.option("--resource", help="Only entries about this resource.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit(
+    config_path: str, db_path: str | None, since: str | None, resource: str | None, as_json: bool
+) -> None:
+    """Show the audit trail: config reloads and changes made with keyswap.
+
+    \b
+    Example:
+      keyswap audit --since 1d
+    """
+    with closing(open_log(config_path, db_path)) as db:
+        rows = _fail_on_value_error(lambda: queries.audit(db, since, resource))
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    click.echo(table(rows, ["at", "actor", "action", "resource", "detail"]))
 
 
 @main.command()

@@ -8,6 +8,7 @@ from keyswap.failures import Failures
 from keyswap.headers import HeaderFilter
 from keyswap.health import Health
 from keyswap.policy import Policy
+from keyswap.recorder import Recorder
 from keyswap.rewrite import Rewrite
 from keyswap.routing import Router
 from keyswap.settings import Settings
@@ -17,11 +18,12 @@ from keyswap.tls import TlsToTargets
 from keyswap.upstream import UpstreamProxies
 
 settings = Settings()
+recorder = Recorder(settings)
 
 addons = [
     settings,
     Router(settings),
-    Health(settings),
+    Health(settings, {"activity_log": recorder.report}),
     Cors(settings),
     Authenticate(settings),
     Policy(settings),
@@ -32,4 +34,5 @@ addons = [
     Streaming(),
     Failures(settings),
     TlsToTargets(settings),
+    recorder,  # last: it sees every decision and the masked flow
 ]

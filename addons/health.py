@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
@@ -19,9 +20,12 @@ PATH = "/_keyswap/health"
 class Health:
     """Answers the health endpoint with the served config's digest, load time and counts."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, reporters: dict[str, Callable[[], dict[str, Any]]] | None = None
+    ) -> None:
         self.settings = settings
         self.started = time.time()
+        self.reporters = reporters or {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not flow.metadata.get(problem.RESERVED):
@@ -56,6 +60,8 @@ class Health:
                 "proxies_served": sum(c.serves(p) for p in c.proxies),
                 "targets": len(c.targets),
             }
+        for name, reporter in self.reporters.items():
+            report[name] = reporter()
         return report
 
 

@@ -23,6 +23,10 @@ DESTINATION = "keyswap.destination"
 CORS_ORIGIN = "keyswap.cors_origin"
 SECRET_HEADER = "keyswap.secret_header"
 SECRET_QUERY = "keyswap.secret_query"
+PATH = "keyswap.path"  # as the client sent it
+BYTES_IN = "keyswap.bytes_in"  # counted for streamed bodies
+BYTES_OUT = "keyswap.bytes_out"
+ATTEMPTS = "keyswap.attempts"
 
 # response headers
 CODE_HEADER = "keyswap-proxy-code"

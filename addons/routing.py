@@ -56,8 +56,10 @@ class Router:
         if flow.response or flow.error or not flow.live:
             return
         flow.metadata[problem.REQUEST_ID] = new_request_id()
+        raw = flow.request.data.path
+        flow.metadata[problem.PATH] = raw.decode("utf-8", "replace")
         try:
-            flow.request.data.path.decode("utf-8")
+            raw.decode("utf-8")
         except UnicodeDecodeError:
             problem.deny(flow, 400, "bad-request", "the path is not UTF-8; percent-encode it")
             return

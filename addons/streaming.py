@@ -21,6 +21,19 @@ def _unbounded_or_large(message: http.Message) -> bool:
         return True
 
 
+class ByteCounter:
+    """A stream callable that passes chunks on unchanged and counts them."""
+
+    def __init__(self, flow: http.HTTPFlow, key: str) -> None:
+        self.metadata = flow.metadata
+        self.key = key
+        self.metadata[key] = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.metadata[self.key] += len(chunk)
+        return chunk
+
+
 class Streaming:
     """Turns on mitmproxy's per-flow streaming where holding the body would cost memory."""
 
@@ -28,7 +41,7 @@ class Streaming:
         if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
             return
         if _unbounded_or_large(flow.request):
-            flow.request.stream = True
+            flow.request.stream = ByteCounter(flow, problem.BYTES_IN)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
@@ -36,4 +49,4 @@ class Streaming:
             return
         event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
         if event_stream or _unbounded_or_large(response):
-            response.stream = True
+            response.stream = ByteCounter(flow, problem.BYTES_OUT)

@@ -1,0 +1,249 @@
+"""The activity log: one `requests` row per flow that reached the gateway, denied ones
+included, written when the flow ends (`response` or `error`). Secrets never reach a
+row: credential headers, cookies and the config's credential header and query names
+are stored as `********`, and body previews have every configured secret value masked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from mitmproxy import http
+from mitmproxy.addonmanager import Loader
+from pydantic import BaseModel, SecretStr
+
+from keyswap import problem
+from keyswap.auth import TOKEN_ID
+from keyswap.config import Config, HeaderCredential, QueryCredential
+from keyswap.loader import LoadedConfig
+from keyswap.routing import new_request_id
+from keyswap.store import audit_row
+from keyswap.swap import MASK, with_query_param
+from keyswap.tokens import TOKEN_HEADERS
+from keyswap.upstream import UPSTREAM
+from keyswap.writer import Writer
+
+if TYPE_CHECKING:
+    from keyswap.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RECORDED = "keyswap.recorded"
+ALWAYS_REDACTED = frozenset({*TOKEN_HEADERS, "proxy-authorization", "cookie", "set-cookie"})
+
+
+class Redaction:
+    """What the config says is secret: header names, query names and values."""
+
+    def __init__(self, config: Config | None) -> None:
+        names = set(ALWAYS_REDACTED)
+        params: set[str] = set()
+        values: set[str] = set()
+        if config is not None:
+            for credential in config.credentials.values():
+                if isinstance(credential, HeaderCredential):
+                    names.add(credential.name)
+                elif isinstance(credential, QueryCredential):
+                    params.add(credential.name)
+            values = {v for v in _secret_values(config) if len(v) >= 4}
+        self.headers = frozenset(names)
+        self.params = frozenset(params)
+        self.values = sorted(values, key=len, reverse=True)
+
+    def header_json(self, headers: http.Headers) -> str:
+        out: dict[str, str] = {}
+        for name, value in headers.items(multi=True):
+            lower = name.lower()
+            shown = MASK if lower in self.headers else self.text(value)
+            out[lower] = f"{out[lower]}, {shown}" if lower in out else shown
+        return json.dumps(out)
+
+    def url(self, url: str) -> str:
+        for name in self.params:
+            if f"{quote(name, safe='')}=" in url.partition("?")[2]:
+                url = with_query_param(url, name, MASK)
+        return self.text(url)
+
+    def text(self, text: str) -> str:
+        for value in self.values:
+            if value in text:
+                text = text.replace(value, MASK)
+        return text
+
+
+def _secret_values(model: BaseModel) -> set[str]:
+    found: set[str] = set()
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        for item in value.values() if isinstance(value, dict) else [value]:
+            if isinstance(item, SecretStr):
+                found.add(item.get_secret_value())
+            elif isinstance(item, BaseModel):
+                found |= _secret_values(item)
+    return found
+
+
+class Recorder:
+    """Turns each finished flow into an activity log row, on the writer thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.writer: Writer | None = None
+        self._redaction = Redaction(None)
+        self._redaction_for: LoadedConfig | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "keyswap_log_bodies",
+            int,
+            0,
+            "Store the first N bytes of buffered request and response bodies in the "
+            "activity log, secrets masked (0: off).",
+        )
+        loader.add_option(
+            "keyswap_log_retention_days",
+            int,
+            0,
+            "Delete activity log rows older than this many days (0: keep everything).",
+        )
+
+    def running(self) -> None:
+        if self.settings.source is None:
+            return
+        from mitmproxy import ctx
+
+        self.writer = Writer(self.settings.db_path(), ctx.options.keyswap_log_retention_days)
+        self.settings.on_reload.append(self.audit_reload)
+        logger.info("keyswap: activity log in %s", self.writer.path)
+
+    def done(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            logger.info("keyswap: activity log closed (%s)", self.writer.report())
+
+    def report(self) -> dict[str, Any]:
+        return self.writer.report() if self.writer else {}
+
+    def audit_reload(self, loaded: LoadedConfig | None, errors: list[str]) -> None:
+        if self.writer is None:
+            return
+        path = str(self.settings.source.path if self.settings.source else "")
+        if loaded is not None:
+            detail: dict[str, Any] = {
+                "digest": loaded.digest,
+                "proxies": sorted(loaded.config.proxies),
+            }
+            self.writer.add("audit", audit_row("reload", path, detail, actor="gateway"))
+        else:
+            self.writer.add(
+                "audit", audit_row("reload-failed", path, {"errors": errors}, actor="gateway")
+            )
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.record(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.record(flow)
+
+    def record(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(RECORDED) or self.writer is None:
+            return
+        flow.metadata[RECORDED] = True
+        try:
+            row = self.row(flow)
+        except Exception:
+            logger.exception("keyswap: could not build the activity log row")
+            return
+        annotate(flow, row)
+        self.writer.add("requests", row)
+
+    def redaction(self) -> Redaction:
+        loaded = self.settings.runtime.loaded
+        if loaded is not self._redaction_for:
+            self._redaction = Redaction(loaded.config if loaded else None)
+            self._redaction_for = loaded
+        return self._redaction
+
+    def row(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        from mitmproxy import ctx
+
+        redact = self.redaction()
+        request, response, meta = flow.request, flow.response, flow.metadata
+        end = (response.timestamp_end if response else None) or time.time()
+        config = self.settings.runtime.config if self.settings.runtime.loaded else None
+        error = meta.get(problem.ERROR) or (flow.error.msg if flow.error else None)
+        code = meta.get(problem.CODE) or (problem.PROXY_ERROR if error else None)
+        row: dict[str, Any] = {
+            "id": meta.get(problem.REQUEST_ID) or new_request_id(),
+            "started_at": _iso(request.timestamp_start),
+            "duration_ms": round((end - request.timestamp_start) * 1000, 3),
+            "proxy_id": meta.get(problem.PROXY),
+            "token_id": meta.get(TOKEN_ID),
+            "environment": config.environment if config else None,
+            "region": config.region if config else None,
+            "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            "method": request.method,
+            "path": redact.url(meta.get(problem.PATH) or request.path),
+            "target": meta.get(problem.TARGET),
+            "target_url": redact.url(target_url(flow)) if problem.DESTINATION in meta else None,
+            "status": response.status_code if response else None,
+            "proxy_code": code,
+            "message": meta.get(problem.MESSAGE) or (error and problem.one_line(error)),
+            "error": error,
+            "upstream_proxy": meta.get(UPSTREAM),
+            "bytes_in": _size(meta.get(problem.BYTES_IN), request),
+            "bytes_out": _size(meta.get(problem.BYTES_OUT), response),
+            "origin": request.headers.get("origin"),
+            "user_agent": request.headers.get("user-agent"),
+            "request_headers": redact.header_json(request.headers),
+            "response_headers": redact.header_json(response.headers) if response else None,
+            "attempts": meta.get(problem.ATTEMPTS, 1 if problem.DESTINATION in meta else 0),
+            "async_id": None,
+        }
+        cap = ctx.options.keyswap_log_bodies
+        if cap > 0:
+            row["request_body"] = _preview(request, cap, redact)
+            row["response_body"] = _preview(response, cap, redact) if response else None
+        return row
+
+
+def target_url(flow: http.HTTPFlow) -> str:
+    """Where the request went (the target, also when it went through a proxy)."""
+    dest = flow.metadata[problem.DESTINATION]
+    default = 443 if dest["scheme"] == "https" else 80
+    port = "" if dest["port"] == default else f":{dest['port']}"
+    host = f"[{dest['host']}]" if ":" in dest["host"] else dest["host"]
+    return f"{dest['scheme']}://{host}{port}{flow.request.path}"
+
+
+def annotate(flow: http.HTTPFlow, row: dict[str, Any]) -> None:
+    """What keyswap decided, at a glance in mitmweb."""
+    flow.comment = f"keyswap {row['proxy_id'] or '-'}: {row['proxy_code']}: {row['message']}"
+    if row["proxy_code"] == problem.DENIED:
+        flow.marked = ":no_entry:"
+    elif row["proxy_code"] == problem.PROXY_ERROR:
+        flow.marked = ":warning:"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+def _size(counted: int | None, message: http.Message | None) -> int | None:
+    if counted is not None:
+        return counted
+    if message is None or message.raw_content is None:
+        return None
+    return len(message.raw_content)
+
+
+def _preview(message: http.Message, cap: int, redact: Redaction) -> str | None:
+    if message.raw_content is None:
+        return None
+    # Mask before cutting, so a secret straddling the cut cannot leave half of itself.
+    longest = max((len(v) for v in redact.values), default=0)
+    text = message.raw_content[: 4 * (cap + longest)].decode("utf-8", "replace")
+    return redact.text(text)[:cap]

@@ -1,0 +1,116 @@
+"""The state database (SQLite, via sqlite-utils): the activity log `requests` and the
+`audit` trail. Opened in WAL mode so the command line and Datasette read while the
+gateway writes."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+REQUEST_COLUMNS: dict[str, type] = {
+    "id": str,
+    "started_at": str,
+    "duration_ms": float,
+    "proxy_id": str,
+    "token_id": str,
+    "environment": str,
+    "region": str,
+    "client_ip": str,
+    "method": str,
+    "path": str,
+    "target": str,
+    "target_url": str,
+    "status": int,
+    "proxy_code": str,
+    "message": str,
+    "error": str,
+    "upstream_proxy": str,
+    "bytes_in": int,
+    "bytes_out": int,
+    "origin": str,
+    "user_agent": str,
+    "request_headers": str,
+    "response_headers": str,
+    "request_body": str,
+    "response_body": str,
+    "attempts": int,
+    "async_id": str,
+}
+AUDIT_COLUMNS: dict[str, type] = {
+    "id": int,
+    "at": str,
+    "actor": str,
+    "action": str,
+    "resource": str,
+    "detail": str,
+}
+AUDIT_ACTIONS = (
+    "create",
+    "edit",
+    "enable",
+    "disable",
+    "rotate-token",
+    "delete",
+    "reload",
+    "reload-failed",
+)
+
+
+def now_iso() -> str:
+    """UTC, ISO 8601, millisecond precision: sorts as text."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def open_db(path: str | Path) -> Database:
+    """Open (and create or upgrade) the state database."""
+    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=10)
+    db = Database(conn)
+    db.enable_wal()
+    db.execute("PRAGMA synchronous=NORMAL")
+    ensure_schema(db)
+    return db
+
+
+def ensure_schema(db: Database) -> None:
+    requests = db.table("requests")
+    if not requests.exists():
+        requests.create(REQUEST_COLUMNS, pk="id", not_null={"started_at"})
+    else:
+        missing = {k: v for k, v in REQUEST_COLUMNS.items() if k not in requests.columns_dict}
+        for name, kind in missing.items():
+            requests.add_column(name, kind)
+    # "per proxy over time" and "errors over time"
+    requests.create_index(["proxy_id", "started_at"], if_not_exists=True)
+    requests.create_index(["status", "started_at"], if_not_exists=True)
+    requests.create_index(["started_at"], if_not_exists=True)
+    audit = db.table("audit")
+    if not audit.exists():
+        audit.create(AUDIT_COLUMNS, pk="id", not_null={"at", "action"})
+    audit.create_index(["at"], if_not_exists=True)
+
+
+def audit_row(
+    action: str, resource: str, detail: dict[str, Any], actor: str | None = None
+) -> dict[str, Any]:
+    """An `audit` row; `detail` must hold no secret."""
+    assert action in AUDIT_ACTIONS, action
+    return {
+        "at": now_iso(),
+        "actor": actor or _os_user(),
+        "action": action,
+        "resource": resource,
+        "detail": json.dumps(detail, sort_keys=True),
+    }
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

@@ -1,0 +1,116 @@
+"""The activity log's writer: one thread, a bounded queue, a transaction per batch.
+
+The event loop only ever does `queue.put_nowait`; SQLite runs on this thread (not the
+default executor, which mitmproxy uses for DNS). When the queue is full a row is
+dropped and counted, never silently; `close()` writes everything still queued."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from keyswap.store import open_db
+
+logger = logging.getLogger(__name__)
+
+QUEUE_SIZE = 50_000
+BATCH_SIZE = 1_000
+PRUNE_EVERY_S = 3600.0
+_STOP = object()
+
+
+class Writer:
+    """Writes `requests` and `audit` rows to the state database on its own thread."""
+
+    def __init__(self, path: Path, retention_days: int = 0, queue_size: int = QUEUE_SIZE) -> None:
+        self.path = path
+        self.retention_days = retention_days
+        self.queue: queue.Queue[Any] = queue.Queue(queue_size)
+        self.written = 0
+        self.dropped = 0
+        self.failed = 0
+        self._last_drop_log = 0.0
+        self._next_prune = 0.0
+        self._thread = threading.Thread(target=self._run, name="keyswap-writer", daemon=True)
+        open_db(path).close()  # create the schema now: errors surface at start
+        self._thread.start()
+
+    def add(self, table: str, row: dict[str, Any]) -> None:
+        """Queue a row; never blocks."""
+        try:
+            self.queue.put_nowait((table, row))
+        except queue.Full:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log > 10:
+                self._last_drop_log = now
+                logger.warning(
+                    "keyswap: activity log queue full, %d rows dropped so far", self.dropped
+                )
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write every queued row, then stop the thread."""
+        if self._thread.is_alive():
+            self.queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "db": str(self.path),
+            "queue_depth": self.queue.qsize(),
+            "rows_written": self.written,
+            "rows_dropped": self.dropped,
+            "write_failures": self.failed,
+        }
+
+    def _run(self) -> None:
+        db = open_db(self.path)
+        stopping = False
+        while not stopping:
+            item = self.queue.get()
+            batch = []
+            while True:
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)
+                if stopping or len(batch) >= BATCH_SIZE:
+                    break
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._write(db, batch)
+            self._prune(db)
+        db.close()
+
+    def _write(self, db: Any, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        tables: dict[str, list[dict[str, Any]]] = {}
+        for table, row in batch:
+            tables.setdefault(table, []).append(row)
+        try:
+            with db.atomic():
+                for table, rows in tables.items():
+                    db[table].insert_all(rows, batch_size=BATCH_SIZE, alter=False)
+        except Exception:
+            self.failed += len(batch)
+            logger.exception("keyswap: could not write %d activity log rows", len(batch))
+        else:
+            self.written += len(batch)
+
+    def _prune(self, db: Any) -> None:
+        if not self.retention_days or time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + PRUNE_EVERY_S
+        cutoff = datetime.now(UTC) - timedelta(days=self.retention_days)
+        stamp = cutoff.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        try:
+            with db.atomic():
+                db.execute("DELETE FROM requests WHERE started_at < ?", [stamp])
+        except Exception:
+            logger.exception("keyswap: pruning the activity log failed")
