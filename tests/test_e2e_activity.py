@@ -171,6 +171,9 @@ def test_sigterm_under_load_keeps_every_completed_flow(tmp_path: Path, echo: Pro
         t.start()
     while len(completed) < 500:
         threading.Event().wait(0.05)
+    health = httpx.get(f"{gateway.url}/_keyswap/health").json()["activity_log"]
+    assert health["rows_written"] > 0 and health["rows_dropped"] == 0
+    assert {"queue_depth", "db", "write_failures"} <= set(health)
     gateway.proc.send_signal(signal.SIGTERM)
     assert gateway.proc.wait(30) == 0
     stop.set()

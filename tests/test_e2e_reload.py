@@ -3,7 +3,9 @@ the previous config when a change is invalid."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from keyswap.tokens import digest, new_token
 
-from .processes import start_echo_target, start_gateway
+from .processes import BIN, start_echo_target, start_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -76,3 +78,14 @@ def test_rotation_and_broken_files(tmp_path: Path) -> None:
     finally:
         gateway.stop()
         echo.stop()
+    db = tmp_path / f"keyswap-{gateway.port}.db"
+    audit = subprocess.run(
+        [str(BIN / "keyswap"), "audit", "--db", str(db), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    actions = [json.loads(line)["action"] for line in audit.splitlines()]
+    assert actions == ["reload", "reload-failed", "reload"]
+    assert "YAML syntax error" in audit
