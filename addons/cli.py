@@ -15,7 +15,7 @@ from sqlite_utils import Database
 
 import keyswap
 from keyswap import queries
-from keyswap.config import BasicProxyAuth, json_schema
+from keyswap.config import BasicProxyAuth, OAuth2Credential, json_schema
 from keyswap.connectivity import ProxyCheck
 from keyswap.loader import ConfigError, LoadedConfig, load_config
 from keyswap.store import open_db
@@ -68,17 +68,45 @@ def main() -> None:
 
 @main.command()
 @config_option
-def check(config_path: str) -> None:
+@click.option("--live", is_flag=True, help="Also report oauth2 token state from the database.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), help="State database (--live).")
+def check(config_path: str, live: bool, db_path: str | None) -> None:
     """Validate a config file: a summary and exit 0, or every error and exit 1.
+
+    With --live, also show each oauth2 credential's token state as the gateway last
+    recorded it, and exit 1 when one has a terminal error (such as invalid_grant).
 
     \b
     Example:
-      keyswap check --config config/keyswap.yaml
+      keyswap check --config config/keyswap.yaml --live
     """
     loaded = load_or_fail(config_path)
     for warning in loaded.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(summary(loaded))
+    if live:
+        oauth2_state(loaded, db_path or str(default_db(config_path)))
+
+
+def oauth2_state(loaded: LoadedConfig, db_path: str) -> None:
+    names = [n for n, c in loaded.config.credentials.items() if isinstance(c, OAuth2Credential)]
+    states: dict[str, dict[str, Any]] = {}
+    if Path(db_path).exists():
+        with closing(open_db(db_path)) as db:
+            states = {r["credential"]: r for r in db["oauth2_tokens"].rows}
+    broken = []
+    for name in names:
+        state = states.get(name)
+        if state is None:
+            click.echo(f"  oauth2 {name}: no token fetched yet")
+        elif state["error"]:
+            kind = "terminal, fix the credential" if state["terminal"] else "will retry"
+            click.echo(f"  oauth2 {name}: last refresh failed: {state['error']} ({kind})")
+            broken += [name] if state["terminal"] else []
+        else:
+            click.echo(f"  oauth2 {name}: token valid until {state['expires_at']}")
+    if broken:
+        raise click.ClickException(f"oauth2 credentials need attention: {', '.join(broken)}")
 
 
 def summary(loaded: LoadedConfig) -> str:
@@ -124,6 +152,10 @@ def gateway_script() -> Path:
 
 def serve_args(config_path: str, listen: str, db: str | None, extra: tuple[str, ...]) -> list[str]:
     host, port = parse_listen(listen)
+    for name in ("keyswap_config", "keyswap_db"):
+        # mitmproxy silently drops a script whose option is --set twice
+        if any(arg.startswith(f"{name}=") for arg in extra):
+            raise click.UsageError(f"set {name} with keyswap serve's own option, not after --")
     return [
         "-s",
         str(gateway_script()),

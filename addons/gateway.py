@@ -7,6 +7,7 @@ from keyswap.cors import Cors
 from keyswap.failures import Failures
 from keyswap.headers import HeaderFilter
 from keyswap.health import Health
+from keyswap.oauth2 import OAuth2
 from keyswap.policy import Policy
 from keyswap.recorder import Recorder
 from keyswap.rewrite import Rewrite
@@ -19,19 +20,24 @@ from keyswap.upstream import UpstreamProxies
 
 settings = Settings()
 recorder = Recorder(settings)
+cors = Cors(settings)
+header_filter = HeaderFilter(settings)
+# A retried response passes the response-side filters again.
+oauth2 = OAuth2(settings, recorder, retry_pipeline=[header_filter, cors])
 
 addons = [
     settings,
     Router(settings),
-    Health(settings, {"activity_log": recorder.report}),
-    Cors(settings),
+    Health(settings, {"activity_log": recorder.report, "oauth2": oauth2.report}),
+    cors,
     Authenticate(settings),
     Policy(settings),
     Rewrite(settings),
-    HeaderFilter(settings),
+    header_filter,
     CredentialSwap(settings),
     UpstreamProxies(settings),
     Streaming(),
+    oauth2,  # after Streaming: a response it may retry must not stream
     Failures(settings),
     TlsToTargets(settings),
     recorder,  # last: it sees every decision and the masked flow

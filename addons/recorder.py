@@ -20,7 +20,7 @@ from keyswap.auth import TOKEN_ID
 from keyswap.config import Config, HeaderCredential, QueryCredential
 from keyswap.loader import LoadedConfig
 from keyswap.routing import new_request_id
-from keyswap.store import audit_row
+from keyswap.store import audit_row, iso
 from keyswap.swap import MASK, with_query_param
 from keyswap.tokens import TOKEN_HEADERS
 from keyswap.upstream import UPSTREAM
@@ -178,7 +178,7 @@ class Recorder:
         code = meta.get(problem.CODE) or (problem.PROXY_ERROR if error else None)
         row: dict[str, Any] = {
             "id": meta.get(problem.REQUEST_ID) or new_request_id(),
-            "started_at": _iso(request.timestamp_start),
+            "started_at": iso(request.timestamp_start),
             "duration_ms": round((end - request.timestamp_start) * 1000, 3),
             "proxy_id": meta.get(problem.PROXY),
             "token_id": meta.get(TOKEN_ID),
@@ -226,10 +226,6 @@ def annotate(flow: http.HTTPFlow, row: dict[str, Any]) -> None:
         flow.marked = ":no_entry:"
     elif row["proxy_code"] == problem.PROXY_ERROR:
         flow.marked = ":warning:"
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
 def _size(counted: int | None, message: http.Message | None) -> int | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import getpass
 import json
 import sqlite3
-from datetime import UTC, datetime
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,23 @@ AUDIT_ACTIONS = (
 )
 
 
+OAUTH2_COLUMNS: dict[str, type] = {
+    "credential": str,
+    "ciphertext": str,  # the tokens, encrypted with a key only the client secret gives
+    "expires_at": str,
+    "refreshed_at": str,
+    "error": str,
+    "terminal": int,
+}
+
+
+def iso(ts: float) -> str:
+    """A Unix time as UTC ISO 8601 with milliseconds: sorts as text."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
 def now_iso() -> str:
-    """UTC, ISO 8601, millisecond precision: sorts as text."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return iso(time.time())
 
 
 def open_db(path: str | Path) -> Database:
@@ -93,6 +107,9 @@ def ensure_schema(db: Database) -> None:
     if not audit.exists():
         audit.create(AUDIT_COLUMNS, pk="id", not_null={"at", "action"})
     audit.create_index(["at"], if_not_exists=True)
+    tokens = db.table("oauth2_tokens")
+    if not tokens.exists():
+        tokens.create(OAUTH2_COLUMNS, pk="credential")
 
 
 def audit_row(

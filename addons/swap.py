@@ -62,13 +62,7 @@ class CredentialSwap:
                 request.path = with_query_param(request.path, name, value.get_secret_value())
                 flow.metadata[problem.SECRET_QUERY] = name
             case OAuth2Credential():
-                problem.deny(
-                    flow,
-                    502,
-                    "credential",
-                    f"target '{flow.metadata[problem.TARGET]}' uses an oauth2 credential, "
-                    "which this keyswap version cannot fetch yet",
-                )
+                pass  # the OAuth2 addon fetches and applies it
 
     def response(self, flow: http.HTTPFlow) -> None:
         mask(flow)

@@ -6,6 +6,7 @@ dropped and counted, never silently; `close()` writes everything still queued.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -19,6 +20,8 @@ from keyswap.store import open_db
 logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 50_000
+# Tables keyed by name whose rows replace the previous one (state, not history).
+REPLACING = frozenset({"oauth2_tokens"})
 BATCH_SIZE = 1_000
 PRUNE_EVERY_S = 3600.0
 _STOP = object()
@@ -40,12 +43,16 @@ class Writer:
         open_db(path).close()  # create the schema now: errors surface at start
         self._thread.start()
 
-    def add(self, table: str, row: dict[str, Any]) -> None:
-        """Queue a row; never blocks."""
+    def add(
+        self, table: str, row: dict[str, Any], done: asyncio.Future[None] | None = None
+    ) -> None:
+        """Queue a row; never blocks. `done` resolves once the row is committed."""
         try:
-            self.queue.put_nowait((table, row))
+            self.queue.put_nowait((table, row, done))
         except queue.Full:
             self.dropped += 1
+            if done is not None:
+                done.set_exception(RuntimeError("activity log queue full"))
             now = time.monotonic()
             if now - self._last_drop_log > 10:
                 self._last_drop_log = now
@@ -89,19 +96,26 @@ class Writer:
             self._prune(db)
         db.close()
 
-    def _write(self, db: Any, batch: list[tuple[str, dict[str, Any]]]) -> None:
+    def _write(self, db: Any, batch: list[tuple[str, dict[str, Any], Any]]) -> None:
         tables: dict[str, list[dict[str, Any]]] = {}
-        for table, row in batch:
+        for table, row, _ in batch:
             tables.setdefault(table, []).append(row)
+        error: Exception | None = None
         try:
             with db.atomic():
                 for table, rows in tables.items():
-                    db[table].insert_all(rows, batch_size=BATCH_SIZE, alter=False)
-        except Exception:
+                    db[table].insert_all(
+                        rows, batch_size=BATCH_SIZE, alter=False, replace=table in REPLACING
+                    )
+        except Exception as e:
+            error = e
             self.failed += len(batch)
-            logger.exception("keyswap: could not write %d activity log rows", len(batch))
+            logger.exception("keyswap: could not write %d rows to the state database", len(batch))
         else:
             self.written += len(batch)
+        for _, _, done in batch:
+            if done is not None:
+                done.get_loop().call_soon_threadsafe(_resolve, done, error)
 
     def _prune(self, db: Any) -> None:
         if not self.retention_days or time.monotonic() < self._next_prune:
@@ -114,3 +128,12 @@ class Writer:
                 db.execute("DELETE FROM requests WHERE started_at < ?", [stamp])
         except Exception:
             logger.exception("keyswap: pruning the activity log failed")
+
+
+def _resolve(done: asyncio.Future[None], error: Exception | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)

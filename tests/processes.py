@@ -109,10 +109,11 @@ def start_gateway(
     plain_mitmdump: bool = False,
     extra: list[str] | None = None,
     env: dict[str, str] | None = None,
+    db: Path | None = None,
 ) -> Gateway:
     """The gateway, via `keyswap serve` or, with plain_mitmdump, `mitmdump -s`."""
     port = free_port()
-    db = tmp / f"keyswap-{port}.db"
+    db = db or tmp / f"keyswap-{port}.db"
     if plain_mitmdump:
         cmd = [
             str(BIN / "mitmdump"),
