@@ -3,56 +3,32 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from sqlite_utils import Database
 
 import keyswap
 from keyswap import queries
+from keyswap.cli_proxies import register as register_proxy_commands
+from keyswap.cliutil import (
+    config_option,
+    db_option,
+    default_db,
+    fail_on_value_error,
+    load_or_fail,
+    open_log,
+    since_option,
+    table,
+)
 from keyswap.config import BasicProxyAuth, OAuth2Credential, json_schema
 from keyswap.connectivity import ProxyCheck
 from keyswap.loader import ConfigError, LoadedConfig, load_config
 from keyswap.store import open_db
 from keyswap.upstream import hostport
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def default_config() -> str:
-    return os.environ.get("KEYSWAP_CONFIG", "config/keyswap.yaml")
-
-
-def default_db(config_path: str | Path) -> Path:
-    """`$KEYSWAP_DB`, else `keyswap.db` beside the config file."""
-    env = os.environ.get("KEYSWAP_DB")
-    return Path(env) if env else Path(config_path).parent / "keyswap.db"
-
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    default=default_config,
-    show_default="$KEYSWAP_CONFIG or config/keyswap.yaml",
-    type=click.Path(dir_okay=False),
-    help="The keyswap YAML file.",
-)
-
-
-def load_or_fail(path: str) -> LoadedConfig:
-    """Load the config, or exit 1 listing every problem."""
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        for problem in e.problems:
-            click.echo(f"error: {problem}", err=True)
-        n = len(e.problems)
-        raise click.ClickException(f"{path} is invalid ({n} error{'s' * (n != 1)})") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -277,49 +253,6 @@ def upstreams_list(config_path: str, as_json: bool) -> None:
     click.echo(table(rows, ["name", "type", "address", "auth", "targets", "description"]))
 
 
-def table(rows: list[dict[str, object]], columns: list[str]) -> str:
-    """A plain text table; lists are joined with commas."""
-
-    def cell(value: object) -> str:
-        if isinstance(value, list):
-            return ", ".join(map(str, value))
-        return "" if value is None else str(value)
-
-    cells = [[cell(row[c]) for c in columns] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-db_option = click.option(
-    "--db",
-    "db_path",
-    type=click.Path(dir_okay=False),
-    help="State database [default: $KEYSWAP_DB, else keyswap.db beside the config].",
-)
-
-
-def open_log(config_path: str, db_path: str | None) -> Database:
-    path = Path(db_path) if db_path else default_db(config_path)
-    if not path.exists():
-        raise click.ClickException(
-            f"no activity log at {path}; pass --db (or set KEYSWAP_DB) to the gateway's database"
-        )
-    return open_db(path)
-
-
-def since_option(help_text: str) -> Callable[[F], F]:
-    return click.option("--since", help=help_text + " (15m, 2h, 1d or an ISO time).")
-
-
-def _fail_on_value_error[T](action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-
-
 LOG_COLUMNS = [
     "started_at",
     "id",
@@ -378,7 +311,7 @@ def follow_log(
     as_json: bool,
 ) -> None:
     """Print matching rows; with `follow`, keep printing new ones once a second."""
-    rows = _fail_on_value_error(lambda: queries.logs(db, **filters, since=since, limit=limit))
+    rows = fail_on_value_error(lambda: queries.logs(db, **filters, since=since, limit=limit))
     header = True
     while True:
         if as_json:
@@ -410,7 +343,7 @@ def stats(config_path: str, db_path: str | None, since: str | None, as_json: boo
       keyswap stats --since 1d
     """
     with closing(open_log(config_path, db_path)) as db:
-        rows = _fail_on_value_error(lambda: queries.stats(db, since))
+        rows = fail_on_value_error(lambda: queries.stats(db, since))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -438,7 +371,7 @@ def curl(config_path: str, db_path: str | None, request_id: str) -> None:
         config = load_config(config_path).config
     except ConfigError:
         config = None  # the command still prints, without the proxy's address
-    click.echo(_fail_on_value_error(lambda: queries.curl_command(dict(found[0]), config)))
+    click.echo(fail_on_value_error(lambda: queries.curl_command(dict(found[0]), config)))
 
 
 @main.command()
@@ -457,7 +390,7 @@ def audit(
       keyswap audit --since 1d
     """
     with closing(open_log(config_path, db_path)) as db:
-        rows = _fail_on_value_error(lambda: queries.audit(db, since, resource))
+        rows = fail_on_value_error(lambda: queries.audit(db, since, resource))
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
@@ -483,3 +416,6 @@ def schema_json() -> str:
 def _count(n: int, word: str) -> str:
     plural = word[:-1] + "ies" if word.endswith("y") else word + "s"
     return f"{n} {word if n == 1 else plural}"
+
+
+register_proxy_commands(main)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -118,6 +119,26 @@ class Recorder:
         self.writer = Writer(self.settings.db_path(), ctx.options.keyswap_log_retention_days)
         self.settings.on_reload.append(self.audit_reload)
         logger.info("keyswap: activity log in %s", self.writer.path)
+        self.writer.add("gateways", self.announcement())
+
+    def announcement(self) -> dict[str, Any]:
+        """Where this gateway serves which config, so the command line can wait for it."""
+        from mitmproxy import ctx
+
+        proxyserver: Any = ctx.master.addons.get("proxyserver")
+        addresses = proxyserver.listen_addrs() if proxyserver else []
+        url = None
+        if addresses:
+            host, port = addresses[0][:2]
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        assert self.settings.source is not None
+        return {
+            "pid": os.getpid(),
+            "config": str(self.settings.source.path.resolve()),
+            "url": url,
+            "started_at": iso(time.time()),
+        }
 
     def done(self) -> None:
         if self.writer is not None:

@@ -107,6 +107,9 @@ def ensure_schema(db: Database) -> None:
     if not audit.exists():
         audit.create(AUDIT_COLUMNS, pk="id", not_null={"at", "action"})
     audit.create_index(["at"], if_not_exists=True)
+    gateways = db.table("gateways")  # who serves which config: `keyswap proxies` waits for them
+    if not gateways.exists():
+        gateways.create({"pid": int, "config": str, "url": str, "started_at": str}, pk="pid")
     tokens = db.table("oauth2_tokens")
     if not tokens.exists():
         tokens.create(OAUTH2_COLUMNS, pk="credential")

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 50_000
 # Tables keyed by name whose rows replace the previous one (state, not history).
-REPLACING = frozenset({"oauth2_tokens"})
+REPLACING = frozenset({"oauth2_tokens", "gateways"})
 BATCH_SIZE = 1_000
 PRUNE_EVERY_S = 3600.0
 _STOP = object()
