@@ -134,11 +134,7 @@ class Handler(BaseHTTPRequestHandler):
         data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
         reply = json.dumps({"message": data.decode(), "headers": dict(self.headers.items())})
         payload = reply.encode()
-        size = (
-            bytes([len(payload)])
-            if len(payload) < 126
-            else b"\x7e" + len(payload).to_bytes(2, "big")
-        )
+        size = b"\x7e" + len(payload).to_bytes(2, "big")  # always the 16-bit form: simple to read
         self.wfile.write(b"\x81" + size + payload)
         self.wfile.flush()
         self.close_connection = True
