@@ -1,6 +1,6 @@
 """keyswap's mitmproxy entry point: `mitmdump -s addons/gateway.py ...`.
 
-The order is the pipeline: each addon sees the flow after the ones before it."""
+The order is the pipeline: each stage sees the flow after the ones before it."""
 
 from keyswap.auth import Authenticate
 from keyswap.cors import Cors
@@ -8,6 +8,7 @@ from keyswap.failures import Failures
 from keyswap.headers import HeaderFilter
 from keyswap.health import Health
 from keyswap.oauth2 import OAuth2
+from keyswap.pipeline import Pipeline
 from keyswap.policy import Policy
 from keyswap.recorder import Recorder
 from keyswap.rewrite import Rewrite
@@ -25,7 +26,7 @@ header_filter = HeaderFilter(settings)
 # A retried response passes the response-side filters again.
 oauth2 = OAuth2(settings, recorder, retry_pipeline=[header_filter, cors])
 
-addons = [
+stages = [
     settings,
     Router(settings),
     Health(settings, {"activity_log": recorder.report, "oauth2": oauth2.report}),
@@ -42,3 +43,5 @@ addons = [
     TlsToTargets(settings),
     recorder,  # last: it sees every decision and the masked flow
 ]
+# One registered addon that runs the stages in order: see pipeline.py for why.
+addons = [Pipeline(stages)]

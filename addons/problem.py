@@ -45,6 +45,7 @@ TITLES = {
     404: "Not Found",
     405: "Method Not Allowed",
     429: "Too Many Requests",
+    500: "Internal Server Error",
     502: "Bad Gateway",
     504: "Gateway Timeout",
 }

@@ -23,6 +23,9 @@ QUEUE_SIZE = 50_000
 # Tables keyed by name whose rows replace the previous one (state, not history).
 REPLACING = frozenset({"oauth2_tokens", "gateways"})
 BATCH_SIZE = 1_000
+# After the first row of a batch, wait this long for more: one transaction for many rows
+# keeps the writer from competing with the event loop for the GIL at high rates.
+LINGER_S = 0.05
 PRUNE_EVERY_S = 3600.0
 _STOP = object()
 
@@ -81,6 +84,7 @@ class Writer:
         while not stopping:
             item = self.queue.get()
             batch = []
+            until = time.monotonic() + LINGER_S
             while True:
                 if item is _STOP:
                     stopping = True
@@ -89,7 +93,7 @@ class Writer:
                 if stopping or len(batch) >= BATCH_SIZE:
                     break
                 try:
-                    item = self.queue.get_nowait()
+                    item = self.queue.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
             self._write(db, batch)

@@ -1,0 +1,442 @@
+"""keyswap's benchmark: throughput and latency side by side, in one run, as ratios.
+
+  upstream  nginx serving a small JSON document (its own req/s shows the headroom)
+  A         bare `mitmdump --mode reverse:` to that upstream (the platform's ceiling)
+  B         keyswap: several proxies, bearer swap, header filtering, the activity log on
+  C         nginx as a reverse proxy that sets the same header (the physical reference)
+
+Rounds alternate A B C A B C ... so machine noise hits all of them. Then streaming through
+B: peak RSS growth for one large download and one large upload, and the time to the
+first event of a server-sent event stream. Results: bench/results.json and a table.
+Run it with scripts/bench (which installs wrk and nginx when it can).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TOKEN = "ks_bench" + "0" * 38
+BODY = json.dumps({"id": 42, "name": "keyswap bench", "items": list(range(20))}).encode()
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open")
+
+
+class Proc:
+    """A started process on a port, stopped by the ExitStack."""
+
+    def __init__(
+        self,
+        stack: ExitStack,
+        cmd: list[str],
+        port: int,
+        log: Path,
+        env: dict[str, str] | None = None,
+    ):
+        self.port = port
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        stack.callback(self.stop)
+        wait_port(port, self.proc)
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def status_kib(self, key: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+
+def nginx(stack: ExitStack, work: Path, name: str, server: str) -> Proc:
+    port = free_port()
+    folder = work / name
+    folder.mkdir()
+    conf = folder / "nginx.conf"
+    conf.write_text(
+        f"daemon off;\nworker_processes 1;\npid {folder}/nginx.pid;\n"
+        f"error_log {folder}/error.log;\n"
+        "events { worker_connections 4096; }\n"
+        f"http {{\n access_log off;\n client_body_temp_path {folder};\n proxy_temp_path {folder};\n"
+        f" fastcgi_temp_path {folder};\n uwsgi_temp_path {folder};\n scgi_temp_path {folder};\n"
+        f" keepalive_requests 1000000;\n server {{\n  listen 127.0.0.1:{port};\n{server}\n }}\n}}\n"
+    )
+    return Proc(
+        stack, ["nginx", "-c", str(conf), "-e", str(folder / "error.log")], port, folder / "out.log"
+    )
+
+
+WRK_LATENCY = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+
+
+def wrk(url: str, connections: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+    cmd = [
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(seconds, 1):.0f}s",
+        "--latency",
+        "--timeout",
+        "10s",
+    ]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    out = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, timeout=seconds + 60, check=True
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    latency = {f"p{p}_ms": float(v) * scale[u] for p, v, u in WRK_LATENCY.findall(out)}
+    return {
+        "rps": rps,
+        "requests": total,
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": sum(map(int, errors.groups())) if errors else 0,
+        **latency,
+    }
+
+
+def keyswap_config(work: Path, upstream: int) -> Path:
+    proxies = "\n".join(
+        f"  app{i}:\n    target: up\n    routes: [/api/app{i}]\n    methods: [GET, POST]\n"
+        f"    request_headers: {{ strip: [x-debug, cookie], set: {{ x-team: bench{i} }} }}\n"
+        f"    response_headers: {{ strip: [server] }}\n"
+        f"    tokens: [{{ id: t, sha256: {_digest(TOKEN + str(i))} }}]"
+        for i in range(5)
+    )
+    path = work / "keyswap.yaml"
+    path.write_text(
+        'version: 1\ncredentials:\n  up: { type: bearer, token: "${env:BENCH_SECRET}" }\n'
+        f'targets:\n  up: {{ base_url: "http://127.0.0.1:{upstream}", credential: up }}\n'
+        f"proxies:\n{proxies}\n"
+    )
+    return path
+
+
+def mitmdump(stack: ExitStack, work: Path, name: str, upstream: int, extra: list[str]) -> Proc:
+    port = free_port()
+    cmd = [str(BIN / "mitmdump"), "-q", "--mode", f"reverse:http://127.0.0.1:{upstream}@{port}"]
+    cmd += ["--listen-host", "127.0.0.1", *extra]
+    return Proc(stack, cmd, port, work / f"{name}.log", env={"BENCH_SECRET": "bench-target-secret"})
+
+
+def keyswap(stack: ExitStack, work: Path, name: str, config: Path, db: Path) -> Proc:
+    extra = ["-s", str(ROOT / "addons" / "gateway.py"), "--set", f"keyswap_config={config}"]
+    extra += ["--set", f"keyswap_db={db}"]
+    return mitmdump(stack, work, name, 9, extra)  # the reverse target is never used: keyswap routes
+
+
+def stream_figures(stack: ExitStack, work: Path, mib: int) -> dict[str, float]:
+    """Peak RSS growth of keyswap for one large download and upload; SSE first event."""
+    echo_port = free_port()
+    Proc(
+        stack,
+        [sys.executable, str(ROOT / "scripts" / "echo_target.py"), "--port", str(echo_port)],
+        echo_port,
+        work / "echo.log",
+    )
+    config = keyswap_config(_sub(work, "stream"), echo_port)
+    gateway = keyswap(stack, work, "stream", config, work / "stream" / "keyswap.db")
+    url = f"http://127.0.0.1:{gateway.port}/api/app0"
+    headers = {"x-proxy-token": TOKEN + "0"}
+    size = mib * 1024 * 1024
+    out: dict[str, float] = {}
+    before = gateway.status_kib("VmRSS")
+    with httpx.stream("GET", f"{url}/bytes/{size}", headers=headers, timeout=600) as r:
+        got = sum(len(c) for c in r.iter_raw(1 << 20))
+    assert got == size, (got, size)
+    out["download_rss_growth_mib"] = (gateway.status_kib("VmHWM") - before) / 1024
+    before = max(gateway.status_kib("VmHWM"), gateway.status_kib("VmRSS"))
+    block = b"u" * (1 << 20)
+    r = httpx.post(
+        f"{url}/count",
+        headers={**headers, "content-length": str(size)},
+        content=(block for _ in range(mib)),
+        timeout=600,
+    )
+    assert r.json()["bytes"] == size
+    out["upload_rss_growth_mib"] = max(0, gateway.status_kib("VmHWM") - before) / 1024
+    started = time.perf_counter()
+    with httpx.stream("GET", f"{url}/sse?events=3&gap=0.5", headers=headers, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                out["sse_first_event_s"] = time.perf_counter() - started
+                break
+    out["stream_mib"] = mib
+    return out
+
+
+def _sub(work: Path, name: str) -> Path:
+    folder = work / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def versions() -> dict[str, str]:
+    def first_line(cmd: list[str]) -> str:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (done.stdout or done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "unknown"
+
+    import mitmproxy.version
+
+    return {
+        "python": platform.python_version(),
+        "mitmproxy": mitmproxy.version.VERSION,
+        "nginx": first_line(["nginx", "-v"]),
+        "wrk": first_line(["wrk", "--version"]),
+        "keyswap": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or "unknown",
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(int(mem) / 1024 / 1024, 1),
+        "kernel": platform.release(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="short runs, small streams (a smoke test)")
+    p.add_argument("--duration", type=float, help="seconds per measurement [quick 1, full 10]")
+    p.add_argument("--rounds", type=int, help="A/B/C rounds [quick 1, full 3]")
+    p.add_argument(
+        "--stream-mib", type=int, help="size of the streamed bodies [quick 32, full 1024]"
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    args = p.parse_args()
+    duration = args.duration or (1 if args.quick else 10)
+    rounds = args.rounds or (1 if args.quick else 3)
+    stream_mib = args.stream_mib or (32 if args.quick else 1024)
+    connections = [1, 16] if args.quick else [1, 16, 64]
+
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="keyswap-bench-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)
+        doc = work / "data.json"
+        doc.write_bytes(BODY)
+        upstream = nginx(
+            stack,
+            work,
+            "upstream",
+            f"  location / {{ root {work}; default_type application/json; }}",
+        )
+        config = keyswap_config(_sub(work, "b"), upstream.port)
+        db = work / "b" / "keyswap.db"
+        setups = {
+            "A": (mitmdump(stack, work, "A", upstream.port, []), "/data.json", {}),
+            "B": (
+                keyswap(stack, work, "B", config, db),
+                "/api/app3/data.json",
+                {"x-proxy-token": TOKEN + "3"},
+            ),
+            "C": (
+                nginx(
+                    stack,
+                    work,
+                    "C",
+                    f"  location / {{ proxy_pass http://127.0.0.1:{upstream.port}; "
+                    'proxy_http_version 1.1; proxy_set_header Connection ""; '
+                    'proxy_set_header Authorization "Bearer bench-target-secret"; }',
+                ),
+                "/data.json",
+                {},
+            ),
+        }
+        upstream_rps = wrk(f"http://127.0.0.1:{upstream.port}/data.json", 16, duration, {})["rps"]
+        results: dict[str, dict[str, Any]] = {
+            name: {"rps": {str(c): [] for c in connections}, "latency_1": []} for name in setups
+        }
+        b_requests = 0
+        for name, (proc, path, headers) in setups.items():  # warm-up, counted for B's rows
+            warm = wrk(f"http://127.0.0.1:{proc.port}{path}", 4, 1, headers)
+            b_requests += warm["requests"] if name == "B" else 0
+        for _ in range(rounds):
+            for c in connections:
+                for name, (proc, path, headers) in setups.items():
+                    run = wrk(f"http://127.0.0.1:{proc.port}{path}", c, duration, headers)
+                    if run["non_2xx"] or run["socket_errors"]:
+                        raise SystemExit(
+                            f"{name}: {run['non_2xx']} non-2xx, {run['socket_errors']} socket err"
+                        )
+                    results[name]["rps"][str(c)].append(run["rps"])
+                    if c == 1:
+                        results[name]["latency_1"].append(
+                            {k: run[k] for k in ("p50_ms", "p99_ms") if k in run}
+                        )
+                    b_requests += run["requests"] if name == "B" else 0
+        for name, (proc, _, _) in setups.items():
+            results[name]["peak_rss_mib"] = round(proc.status_kib("VmHWM") / 1024, 1)
+        setups["B"][0].stop()  # a clean stop writes every queued row
+        conn = sqlite3.connect(db)
+        rows = conn.execute("select count(*) from requests").fetchone()[0]
+        conn.close()
+        summary = summarize(results, connections)
+        streaming = stream_figures(stack, work, stream_mib)
+
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "mode": "quick" if args.quick else "full",
+        "machine": machine(),
+        "versions": versions(),
+        "settings": {
+            "duration_s": duration,
+            "rounds": rounds,
+            "connections": connections,
+            "stream_mib": stream_mib,
+        },
+        "upstream_rps": upstream_rps,
+        "runs": summary,
+        "ratios": {
+            f"B/A_rps_c{c}": round(summary["B"]["rps"][str(c)] / summary["A"]["rps"][str(c)], 3)
+            for c in connections
+        }
+        | {"B-A_p99_ms_c1": round(summary["B"]["p99_ms"] - summary["A"]["p99_ms"], 3)},
+        "log": {"requests_sent": b_requests, "rows_recorded": rows},
+        "streaming": {k: round(v, 3) for k, v in streaming.items()},
+    }
+    top = str(max(connections))
+    report["goals"] = {
+        "B/A throughput >= 0.90 at saturation": report["ratios"][f"B/A_rps_c{top}"] >= 0.90,
+        "B p99 <= A p99 + 1 ms at 1 connection": report["ratios"]["B-A_p99_ms_c1"] <= 1.0,
+        "rows recorded == requests sent": rows == b_requests,
+        "streaming RSS growth <= 64 MiB": max(
+            streaming["download_rss_growth_mib"], streaming["upload_rss_growth_mib"]
+        )
+        <= 64,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+    print(f"\nresults: {args.out}")
+
+
+def summarize(
+    results: dict[str, dict[str, Any]], connections: list[int]
+) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, r in results.items():
+        out[name] = {
+            "rps": {str(c): round(statistics.median(r["rps"][str(c)]), 1) for c in connections},
+            "p50_ms": round(statistics.median(x["p50_ms"] for x in r["latency_1"]), 3),
+            "p99_ms": round(statistics.median(x["p99_ms"] for x in r["latency_1"]), 3),
+            "peak_rss_mib": r.get("peak_rss_mib"),
+        }
+    return out
+
+
+def render(report: dict[str, Any]) -> str:
+    conns = report["settings"]["connections"]
+    head = ["", *(f"req/s c={c}" for c in conns), "p50 ms c=1", "p99 ms c=1", "peak RSS MiB"]
+    labels = {"A": "A bare mitmdump", "B": "B keyswap", "C": "C nginx proxy"}
+    rows = [head]
+    for name, r in report["runs"].items():
+        rows.append(
+            [
+                labels[name],
+                *(f"{r['rps'][str(c)]:.0f}" for c in conns),
+                f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                f"{r['peak_rss_mib']}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.append(f"upstream nginx alone: {report['upstream_rps']:.0f} req/s (c=16)")
+    lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in report["ratios"].items()))
+    lines.append(
+        f"activity log: {report['log']['rows_recorded']} rows for "
+        f"{report['log']['requests_sent']} requests"
+    )
+    s = report["streaming"]
+    lines.append(
+        f"streaming {s['stream_mib']} MiB: download +{s['download_rss_growth_mib']:.1f} MiB RSS, "
+        f"upload +{s['upload_rss_growth_mib']:.1f} MiB RSS; "
+        f"SSE first event {s['sse_first_event_s'] * 1000:.0f} ms"
+    )
+    lines += [
+        f"goal {'met    ' if ok else 'NOT met'}  {goal}" for goal, ok in report["goals"].items()
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if not shutil.which("wrk") or not shutil.which("nginx"):
+        raise SystemExit(
+            "scripts/bench.py needs wrk and nginx; run scripts/bench, which installs them"
+        )
+    main()
