@@ -17,6 +17,7 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -211,14 +212,21 @@ class OAuth2:
 
     # --- the request ------------------------------------------------------------------
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # Synchronous unless the target really has an oauth2 credential: most requests
+        # must not pay for a coroutine.
         if flow.response or flow.error or not flow.live or problem.TARGET not in flow.metadata:
-            return
+            return None
         config = self.settings.runtime.config
         name = config.targets[flow.metadata[problem.TARGET]].credential
         credential = config.credentials[name]
         if not isinstance(credential, OAuth2Credential):
-            return
+            return None
+        return self._authorize(flow, name, credential)
+
+    async def _authorize(
+        self, flow: http.HTTPFlow, name: str, credential: OAuth2Credential
+    ) -> None:
         token = await self.token(name, credential, flow.metadata[problem.REQUEST_ID])
         if flow.response or not flow.live:
             return
@@ -250,10 +258,13 @@ class OAuth2:
             response.stream = False  # the original answer is kept, in case the retry cannot happen
             flow.metadata[RETRY] = True
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         used = self._used.pop(flow.id, None)
         if not flow.metadata.pop(RETRY, False) or used is None:
-            return
+            return None
+        return self._refresh_and_retry(flow, used)
+
+    async def _refresh_and_retry(self, flow: http.HTTPFlow, used: str) -> None:
         name = flow.metadata[OAUTH2]
         if problem.BYTES_IN in flow.metadata:
             logger.info(
