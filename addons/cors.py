@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from keyswap.settings import Settings
 
 MAX_AGE_S = "600"
-EXPOSED = ", ".join((problem.CODE_HEADER, problem.MESSAGE_HEADER, problem.REQUEST_ID_HEADER))
 
 
 def origin_allowed(proxy: Proxy, origin: str) -> bool:
@@ -56,24 +55,3 @@ class Cors:
             flow.metadata[problem.ANSWERED] = True
             problem.decide(flow, problem.GRANTED, "CORS preflight answered by keyswap")
             problem.stamp(flow, flow.response)
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        response = flow.response
-        if response is None:
-            return
-        for name in [n for n in response.headers if n.lower().startswith("access-control-")]:
-            if not flow.metadata.get(problem.ANSWERED):
-                del response.headers[name]
-        origin = flow.metadata.get(problem.CORS_ORIGIN)
-        if origin:
-            response.headers["access-control-allow-origin"] = origin
-            response.headers["access-control-expose-headers"] = EXPOSED
-            response.headers["vary"] = _vary(response.headers.get("vary"))
-
-
-def _vary(existing: str | None) -> str:
-    if not existing:
-        return "Origin"
-    if "origin" in (v.strip().lower() for v in existing.split(",")):
-        return existing
-    return f"{existing}, Origin"

@@ -23,8 +23,8 @@ settings = Settings()
 recorder = Recorder(settings)
 cors = Cors(settings)
 header_filter = HeaderFilter(settings)
-# A retried response passes the response-side filters again.
-oauth2 = OAuth2(settings, recorder, retry_pipeline=[header_filter, cors])
+# A retried response passes the response-side filter again.
+oauth2 = OAuth2(settings, recorder, retry_pipeline=[header_filter])
 
 stages = [
     settings,

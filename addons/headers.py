@@ -21,6 +21,7 @@ HOP_BY_HOP = frozenset(
     {"keep-alive", "proxy-connection", "te", "proxy-authenticate", "proxy-authorization"}
 )
 CONNECTION_TOKENS = frozenset({"close", "keep-alive"})
+NEVER_NAMED = frozenset({"transfer-encoding", "content-length", "connection", "upgrade"})
 INFRASTRUCTURE = frozenset(
     {
         "x-request-id",
@@ -36,41 +37,41 @@ INFRASTRUCTURE = frozenset(
     }
 )
 INFRASTRUCTURE_PREFIXES = ("x-forwarded-", "cf-")
-KEYSWAP_PREFIX = "keyswap-"
+# The target's own keyswap-* and CORS headers never reach the client.
+RESPONSE_PREFIXES = ("keyswap-", "access-control-")
 
 
-def is_websocket_upgrade(headers: http.Headers) -> bool:
-    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    return "upgrade" in connection and headers.get("upgrade", "").lower() == "websocket"
-
-
-def drop_hop_by_hop(headers: http.Headers) -> None:
-    """Remove hop-by-hop headers and those the Connection header names."""
-    upgrade = is_websocket_upgrade(headers)
-    tokens = [t.strip().lower() for t in headers.get("connection", "").split(",") if t.strip()]
-    keep = {"transfer-encoding", "content-length", "connection", "upgrade"}
-    for name in HOP_BY_HOP.union(tokens) - keep:
-        headers.pop(name, None)
-    kept = [t for t in tokens if t in CONNECTION_TOKENS or (upgrade and t == "upgrade")]
-    if kept:
+def hop_by_hop(headers: http.Headers) -> set[str]:
+    """The hop-by-hop names to drop from these headers (those the Connection header
+    names included); Connection itself is cut down to what mitmproxy needs."""
+    connection = headers.get("connection")
+    tokens = [t.strip().lower() for t in (connection or "").split(",") if t.strip()]
+    websocket = "upgrade" in tokens and headers.get("upgrade", "").lower() == "websocket"
+    drop = set(HOP_BY_HOP).union(tokens) - NEVER_NAMED
+    kept = [t for t in tokens if t in CONNECTION_TOKENS or (websocket and t == "upgrade")]
+    if not kept:
+        drop.add("connection")
+    elif kept != tokens:
         headers["connection"] = ", ".join(kept)
-    else:
-        headers.pop("connection", None)
-    if not upgrade:
-        headers.pop("upgrade", None)
+    if not websocket:
+        drop.add("upgrade")
+    return drop
 
 
-def drop_infrastructure(headers: http.Headers) -> None:
-    for name in list(headers):
-        lower = name.lower()
-        if lower in INFRASTRUCTURE or lower.startswith(INFRASTRUCTURE_PREFIXES):
-            headers.pop(name, None)
+def drop_headers(headers: http.Headers, names: set[str], prefixes: tuple[str, ...] = ()) -> None:
+    """Remove every header named in `names` (lower case) or starting with a prefix, in
+    one pass over the raw fields (mitmproxy's per-name removal scans them each time)."""
+    drop = {n.encode() for n in names}
+    starts = tuple(p.encode() for p in prefixes)
+    headers.fields = tuple(
+        (k, v)
+        for k, v in headers.fields
+        if (low := k.lower()) not in drop and not low.startswith(starts)
+    )
 
 
-def apply_rules(headers: http.Headers, rules: HeaderRules) -> None:
-    for name in rules.strip:
-        headers.pop(name, None)
-    for name, value in rules.set.items():
+def set_headers(headers: http.Headers, values: dict[str, str]) -> None:
+    for name, value in values.items():
         headers[name] = value
 
 
@@ -85,22 +86,18 @@ class HeaderFilter:
         if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
             return
         headers = flow.request.headers
-        drop_hop_by_hop(headers)
-        drop_infrastructure(headers)
-        for name in TOKEN_HEADERS:
-            headers.pop(name, None)
-        proxy = self.settings.runtime.config.proxies[flow.metadata[problem.PROXY]]
-        apply_rules(headers, proxy.request_headers)
+        rules = self.settings.runtime.config.proxies[flow.metadata[problem.PROXY]].request_headers
+        drop = hop_by_hop(headers) | INFRASTRUCTURE | set(TOKEN_HEADERS) | set(rules.strip)
+        drop_headers(headers, drop, INFRASTRUCTURE_PREFIXES)
+        set_headers(headers, rules.set)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None or flow.metadata.get(problem.ANSWERED):
             return
         headers = response.headers
-        drop_hop_by_hop(headers)
-        for name in [n for n in headers if n.lower().startswith(KEYSWAP_PREFIX)]:
-            headers.pop(name, None)
         proxy = self.settings.runtime.config.proxies.get(flow.metadata.get(problem.PROXY, ""))
-        if proxy is not None:
-            apply_rules(headers, proxy.response_headers)
+        rules = proxy.response_headers if proxy is not None else HeaderRules()
+        drop_headers(headers, hop_by_hop(headers) | set(rules.strip), RESPONSE_PREFIXES)
+        set_headers(headers, rules.set)
         problem.stamp(flow, response)

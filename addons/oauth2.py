@@ -27,7 +27,6 @@ from mitmproxy import http
 
 from keyswap import problem
 from keyswap.config import BasicProxyAuth, Config, OAuth2Credential, Target
-from keyswap.headers import drop_hop_by_hop
 from keyswap.routing import new_request_id
 from keyswap.store import iso, now_iso, open_db
 
@@ -314,9 +313,8 @@ class OAuth2:
                 "keyswap: %s: retry after refresh failed: %s", flow.metadata[problem.REQUEST_ID], e
             )
             return
-        retried = http.Response.make(answer.status_code, body, list(answer.headers.raw))
-        drop_hop_by_hop(retried.headers)
-        flow.response = retried
+        # the retry pipeline (HeaderFilter, Cors) filters it like any forwarded answer
+        flow.response = http.Response.make(answer.status_code, body, list(answer.headers.raw))
         flow.metadata[problem.ATTEMPTS] = 2
         flow.metadata[REFRESHED] = True
         target_id = flow.metadata[problem.TARGET]

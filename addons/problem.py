@@ -32,6 +32,7 @@ ATTEMPTS = "keyswap.attempts"
 CODE_HEADER = "keyswap-proxy-code"
 MESSAGE_HEADER = "keyswap-proxy-message"
 REQUEST_ID_HEADER = "keyswap-request-id"
+EXPOSED = ", ".join((CODE_HEADER, MESSAGE_HEADER, REQUEST_ID_HEADER))
 
 GRANTED: Final = "proxy-access-granted"
 DENIED: Final = "proxy-access-denied"
@@ -63,10 +64,22 @@ def decide(flow: http.HTTPFlow, code: Code, message: str) -> None:
 
 
 def stamp(flow: http.HTTPFlow, response: http.Response) -> None:
-    """Put the keyswap-* headers on a response the gateway sends or passes on."""
-    response.headers[CODE_HEADER] = flow.metadata.get(CODE, GRANTED)
-    response.headers[MESSAGE_HEADER] = flow.metadata.get(MESSAGE, "")
-    response.headers[REQUEST_ID_HEADER] = flow.metadata.get(REQUEST_ID, "")
+    """Put the keyswap-* headers on a response the gateway sends or passes on. The
+    response carries none yet (new, or filtered), so they are appended in one step."""
+    meta = flow.metadata
+    response.headers.fields += (
+        (b"keyswap-proxy-code", meta.get(CODE, GRANTED).encode()),
+        (b"keyswap-proxy-message", meta.get(MESSAGE, "").encode()),
+        (b"keyswap-request-id", meta.get(REQUEST_ID, "").encode()),
+    )
+    origin = meta.get(CORS_ORIGIN)
+    if origin:  # an allowed browser origin may read the answer, and these headers
+        headers = response.headers
+        headers["access-control-allow-origin"] = origin
+        headers["access-control-expose-headers"] = EXPOSED
+        vary = headers.get("vary", "")
+        if "origin" not in (v.strip().lower() for v in vary.split(",")):
+            headers["vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
 def make(

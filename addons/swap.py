@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from keyswap.settings import Settings
 
 MASK = "********"
+MASK_BYTES = MASK.encode()
 
 
 def with_query_param(path: str, name: str, value: str) -> str:
@@ -75,11 +76,11 @@ def mask(flow: http.HTTPFlow) -> None:
     """Replace the target credential, the upstream proxy's credential and any proxy
     token in the stored request with `********` (a refused request still carries the
     client's token)."""
+    names = {b"proxy-authorization", *(n.encode() for n in TOKEN_HEADERS)}
+    if header := flow.metadata.get(problem.SECRET_HEADER):
+        names.add(header.encode())
     headers = flow.request.headers
-    secrets = (*TOKEN_HEADERS, "proxy-authorization", flow.metadata.get(problem.SECRET_HEADER))
-    for name in secrets:
-        if name and name in headers:
-            headers[name] = MASK
+    headers.fields = tuple((k, MASK_BYTES if k.lower() in names else v) for k, v in headers.fields)
     param = flow.metadata.get(problem.SECRET_QUERY)
     if param:
         flow.request.path = with_query_param(flow.request.path, param, MASK)
