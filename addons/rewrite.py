@@ -65,6 +65,12 @@ def normalize(path: str) -> str:
     return "/" + "/".join(out)
 
 
+def hostport(host: str, port: int, scheme: str) -> str:
+    """`host[:port]` as a Host header says it (the port only when not the default)."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port == (443 if scheme == "https" else 80) else f"{shown}:{port}"
+
+
 def origin_of(scheme: str, host: str, port: int) -> str:
     default = 443 if scheme == "https" else 80
     host = f"[{host}]" if ":" in host else host
@@ -126,14 +132,13 @@ class Rewrite:
             return
         dest = flow.metadata[problem.DESTINATION]
         request = flow.request
+        # The fields directly: mitmproxy's host and port setters rewrite the Host header
+        # each time; it is set once below. Origin-form, whatever form the client used.
         request.scheme = dest["scheme"]
-        request.host = dest["host"]
-        request.port = dest["port"]
+        request.data.host = dest["host"]
+        request.data.port = dest["port"]
         request.path = dest["path"]
-        # Origin-form to the target, whatever form the client used.
         request.authority = ""
-        request.host_header = origin_of(dest["scheme"], dest["host"], dest["port"]).split("://", 1)[
-            1
-        ]
+        request.host_header = hostport(dest["host"], dest["port"], dest["scheme"])
         target_id = flow.metadata[problem.TARGET]
         problem.decide(flow, problem.GRANTED, f"forwarded to target '{target_id}'")

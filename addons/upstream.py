@@ -48,20 +48,21 @@ class UpstreamProxies:
         request = flow.request
         name = config.targets[flow.metadata[problem.TARGET]].upstream_proxy
         if name is None:
-            flow.server_conn = connection.Server(address=(request.host, request.port))
+            if flow.server_conn.via is not None:  # inherited from an earlier flow
+                flow.server_conn = connection.Server(address=(request.host, request.port))
             return
         proxy = config.upstream_proxies[name]
         flow.metadata[UPSTREAM] = name
         if request.scheme == "http" and proxy.type == "http":
             # Absolute form to the proxy itself: GET http://target/path HTTP/1.1
             target = hostport(request.host, request.port)
-            # host/port setters rewrite authority and Host, so those two come last
-            request.host, request.port = proxy.host, proxy.port
+            request.data.host, request.data.port = proxy.host, proxy.port
             request.authority = request.host_header = target
             if auth := proxy_authorization(proxy):
                 request.headers["proxy-authorization"] = auth
             flow.metadata[ABSOLUTE_FORM] = True
-            flow.server_conn = connection.Server(address=(proxy.host, proxy.port))
+            if flow.server_conn.via is not None:
+                flow.server_conn = connection.Server(address=(proxy.host, proxy.port))
         else:
             flow.server_conn = connection.Server(
                 address=(request.host, request.port), via=(proxy.type, (proxy.host, proxy.port))
