@@ -59,27 +59,25 @@ def logs(
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """The newest matching rows, oldest first; `after` returns only rows after that id."""
-    where, params = ["1 = 1"], []
-    if proxy:
-        where.append("proxy_id = ?")
-        params.append(proxy)
-    if status:
-        clause, values = status_clause(status)
-        where.append(clause)
-        params += values
-    if code:
-        where.append("proxy_code = ?")
-        params.append(code)
-    if since:
-        where.append("started_at >= ?")
-        params.append(since_iso(since))
-    if after:
-        where.append("id > ?")
-        params.append(after)
+    status_sql, status_values = status_clause(status) if status else ("", [])
+    where, params = _where(
+        ("proxy_id = ?", [proxy] if proxy else None),
+        (status_sql, status_values or None),
+        ("proxy_code = ?", [code] if code else None),
+        ("started_at >= ?", [since_iso(since)] if since else None),
+        ("id > ?", [after] if after else None),
+    )
     # The clauses are constants; every value is a bound parameter.
-    sql = f"select * from requests where {' and '.join(where)} order by id desc limit ?"  # noqa: S608
+    sql = f"select * from requests where {where} order by id desc limit ?"  # noqa: S608
     rows = [dict(r) for r in db.query(sql, [*params, limit])]
     return rows[::-1]
+
+
+def _where(*conditions: tuple[str, list[Any] | None]) -> tuple[str, list[Any]]:
+    """The SQL condition of the filters that are given (values None are left out)."""
+    given = [(clause, values) for clause, values in conditions if values is not None]
+    sql = " and ".join(clause for clause, _ in given) or "1 = 1"
+    return sql, [v for _, values in given for v in values]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -147,12 +145,9 @@ def curl_command(row: dict[str, Any], config: Config | None) -> str:
 def audit(
     db: Database, since: str | None = None, resource: str | None = None
 ) -> list[dict[str, Any]]:
-    where, params = ["1 = 1"], []
-    if since:
-        where.append("at >= ?")
-        params.append(since_iso(since))
-    if resource:
-        where.append("resource = ?")
-        params.append(resource)
-    sql = f"select * from audit where {' and '.join(where)} order by id"  # noqa: S608
+    where, params = _where(
+        ("at >= ?", [since_iso(since)] if since else None),
+        ("resource = ?", [resource] if resource else None),
+    )
+    sql = f"select * from audit where {where} order by id"  # noqa: S608
     return [dict(r) for r in db.query(sql, params)]

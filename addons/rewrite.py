@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
@@ -77,12 +78,18 @@ def origin_of(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://{host}" + ("" if port == default else f":{port}")
 
 
+@lru_cache(maxsize=256)
+def _split_base(base_url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, base path) of a target's base URL, parsed once per URL
+    rather than once per request."""
+    base = urlsplit(base_url)
+    port = base.port or (443 if base.scheme == "https" else 80)
+    return base.scheme, base.hostname or "", port, base.path.rstrip("/")
+
+
 def resolve(target: Target, rest: str, query: str) -> Destination:
     """The destination of `rest` (the path after the route) on `target`."""
-    base = urlsplit(target.base_url)
-    base_scheme, base_host = base.scheme, base.hostname or ""
-    base_port = base.port or (443 if base_scheme == "https" else 80)
-    base_path = base.path.rstrip("/")
+    base_scheme, base_host, base_port, base_path = _split_base(target.base_url)
     suffix = f"?{query}" if query else ""
 
     if _FULL_URL.match(decoded(rest)):
