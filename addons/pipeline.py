@@ -75,11 +75,7 @@ class Pipeline:
         fail = _refuse if name in REQUEST_SIDE else None
 
         def dispatch(*args: Any) -> Awaitable[None] | None:
-            for i, hook in enumerate(hooks):
-                result = _call(hook, args, fail)
-                if inspect.isawaitable(result):
-                    return _rest(result, hooks[i + 1 :], args, fail)
-            return None
+            return _run(hooks, args, fail)
 
         dispatch.__name__ = name
         return dispatch
@@ -97,28 +93,40 @@ def _refuse(flow: http.HTTPFlow) -> None:
         flow.metadata[problem.ANSWERED] = True
 
 
-def _call(hook: Hook, args: tuple[Any, ...], fail: Callable[[http.HTTPFlow], None] | None) -> Any:
-    """One stage's hook. A failure is logged; on the request side it also refuses the
-    flow. On the response side the other stages still run (as mitmproxy does)."""
-    try:
-        return hook(*args)
-    except exceptions.AddonHalt:
-        raise
-    except Exception:
-        logger.exception("keyswap: %s failed", getattr(hook, "__qualname__", hook))
-        if fail is not None:
-            fail(args[0])
-        return None
+Fail = Callable[[http.HTTPFlow], None] | None
 
 
-async def _rest(first: Awaitable[Any], hooks: list[Hook], args: tuple[Any, ...], fail: Any) -> None:
-    for hook in [None, *hooks]:
-        result = first if hook is None else _call(hook, args, fail)
-        if not inspect.isawaitable(result):
-            continue
+def _run(hooks: list[Hook], args: tuple[Any, ...], fail: Fail) -> Awaitable[None] | None:
+    """Call the hooks in order. Once one returns an awaitable, the rest run after it,
+    in the coroutine returned; until then the event stays synchronous (cheap)."""
+    for i, hook in enumerate(hooks):
         try:
-            await result
+            result = hook(*args)
+        except exceptions.AddonHalt:
+            raise
         except Exception:
-            logger.exception("keyswap: an async hook failed")
-            if fail is not None:
-                fail(args[0])
+            _failed(hook, args, fail)
+            continue
+        if result is not None and inspect.isawaitable(result):
+            return _rest(result, hooks[i + 1 :], args, fail)
+    return None
+
+
+async def _rest(
+    first: Awaitable[Any], hooks: list[Hook], args: tuple[Any, ...], fail: Fail
+) -> None:
+    try:
+        await first
+    except Exception:
+        _failed(first, args, fail)
+    more = _run(hooks, args, fail)
+    if more is not None:
+        await more
+
+
+def _failed(hook: object, args: tuple[Any, ...], fail: Fail) -> None:
+    """A failure is logged; on the request side it also refuses the flow. On the
+    response side the other stages still run (as mitmproxy does)."""
+    logger.exception("keyswap: %s failed", getattr(hook, "__qualname__", hook))
+    if fail is not None:
+        fail(args[0])

@@ -1,16 +1,17 @@
 """The activity log's writer: one thread, a bounded queue, a transaction per batch.
 
-The event loop only ever does `queue.put_nowait`; SQLite runs on this thread (not the
-default executor, which mitmproxy uses for DNS). When the queue is full a row is
-dropped and counted, never silently; `close()` writes everything still queued."""
+The event loop only appends to a deque (no lock: a `queue.Queue` costs the loop a lock
+and a notify per row); SQLite runs on this thread (not the default executor, which
+mitmproxy uses for DNS). When the queue is full a row is dropped and counted, never
+silently; `close()` writes everything still queued."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ BATCH_SIZE = 1_000
 # keeps the writer from competing with the event loop for the GIL at high rates.
 LINGER_S = 0.05
 PRUNE_EVERY_S = 3600.0
-_STOP = object()
 
 
 class Writer:
@@ -36,7 +36,10 @@ class Writer:
     def __init__(self, path: Path, retention_days: int = 0, queue_size: int = QUEUE_SIZE) -> None:
         self.path = path
         self.retention_days = retention_days
-        self.queue: queue.Queue[Any] = queue.Queue(queue_size)
+        self.queue_size = queue_size
+        self._rows: deque[tuple[str, dict[str, Any], asyncio.Future[None] | None]] = deque()
+        self._wake = threading.Event()  # set when rows wait and the thread may be asleep
+        self._stopping = False
         self.written = 0
         self.dropped = 0
         self.failed = 0
@@ -50,29 +53,33 @@ class Writer:
         self, table: str, row: dict[str, Any], done: asyncio.Future[None] | None = None
     ) -> None:
         """Queue a row; never blocks. `done` resolves once the row is committed."""
-        try:
-            self.queue.put_nowait((table, row, done))
-        except queue.Full:
-            self.dropped += 1
-            if done is not None:
-                done.set_exception(RuntimeError("activity log queue full"))
-            now = time.monotonic()
-            if now - self._last_drop_log > 10:
-                self._last_drop_log = now
-                logger.warning(
-                    "keyswap: activity log queue full, %d rows dropped so far", self.dropped
-                )
+        if len(self._rows) < self.queue_size:
+            self._rows.append((table, row, done))
+            if not self._wake.is_set():
+                self._wake.set()
+            return
+        self.dropped += 1
+        if done is not None:
+            done.set_exception(RuntimeError("activity log queue full"))
+        now = time.monotonic()
+        if now - self._last_drop_log > 10:
+            self._last_drop_log = now
+            logger.warning("keyswap: activity log queue full, %d rows dropped so far", self.dropped)
+
+    @property
+    def depth(self) -> int:
+        return len(self._rows)
 
     def close(self, timeout: float = 30.0) -> None:
         """Write every queued row, then stop the thread."""
-        if self._thread.is_alive():
-            self.queue.put(_STOP)
-            self._thread.join(timeout)
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
 
     def report(self) -> dict[str, Any]:
         return {
             "db": str(self.path),
-            "queue_depth": self.queue.qsize(),
+            "queue_depth": self.depth,
             "rows_written": self.written,
             "rows_dropped": self.dropped,
             "write_failures": self.failed,
@@ -80,27 +87,19 @@ class Writer:
 
     def _run(self) -> None:
         db = open_db(self.path)
-        stopping = False
-        while not stopping:
-            item = self.queue.get()
-            if item is not _STOP:
-                # Sleep rather than wait on the queue: waking for every row would hand
-                # the GIL back and forth with the event loop once per request.
+        while True:
+            self._wake.wait()
+            self._wake.clear()  # a row added from now on sets it again
+            if not self._stopping:
+                # Let rows gather: one transaction for many rows, and the thread does
+                # not take the GIL from the event loop once per request.
                 time.sleep(LINGER_S)
-            batch = []
-            while True:
-                if item is _STOP:
-                    stopping = True
-                else:
-                    batch.append(item)
-                if stopping or len(batch) >= BATCH_SIZE:
-                    break
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._write(db, batch)
+            while self._rows:
+                batch = [self._rows.popleft() for _ in range(min(BATCH_SIZE, len(self._rows)))]
+                self._write(db, batch)
             self._prune(db)
+            if self._stopping and not self._rows:
+                break
         db.close()
 
     def _write(self, db: Any, batch: list[tuple[str, dict[str, Any], Any]]) -> None:

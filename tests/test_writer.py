@@ -75,7 +75,7 @@ def test_sqlite_never_runs_on_the_event_loop_thread(
             for j in range(500):
                 writer.add("requests", row(i * 500 + j))
             await asyncio.sleep(0.01)
-        while writer.queue.qsize():
+        while writer.depth:
             await asyncio.sleep(0.01)
         return threading.current_thread().name
 
