@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TIMED_OUT = "keyswap.timed_out"
+# Response deadlines are checked this often: one timer for all flows instead of one
+# timer per request (an asyncio timer costs the loop more than the check).
+SWEEP_INTERVAL_S = 0.1
 Address = tuple[str, int]
 
 
@@ -91,10 +95,34 @@ class Failures:
         # The flow about to open a connection, by (client connection, address).
         self._connecting: dict[tuple[str, Address], http.HTTPFlow] = {}
         self._connect_timers: dict[str, asyncio.TimerHandle] = {}
-        self._response_timers: dict[str, asyncio.TimerHandle] = {}
+        # Granted requests awaiting their response: flow id -> (deadline, flow).
+        self._deadlines: dict[str, tuple[float, http.HTTPFlow]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
         install_stream_class()
+
+    def running(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    def done(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Time out every flow whose deadline has passed."""
+        expired = [flow for deadline, flow in self._deadlines.values() if deadline <= now]
+        for flow in expired:
+            del self._deadlines[flow.id]
+            try:
+                self._response_timed_out(flow)
+            except Exception:
+                logger.exception("keyswap: timing out %s failed", flow.request.url)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.TARGET not in flow.metadata:
@@ -135,11 +163,9 @@ class Failures:
             return
         target = self.settings.runtime.config.targets.get(flow.metadata[problem.TARGET])
         timeout = target.timeout_s if target else 30.0
-        loop = asyncio.get_running_loop()
-        self._response_timers[flow.id] = loop.call_later(timeout, self._response_timed_out, flow)
+        self._deadlines[flow.id] = (time.monotonic() + timeout, flow)
 
     def _response_timed_out(self, flow: http.HTTPFlow) -> None:
-        self._response_timers.pop(flow.id, None)
         flow.metadata[TIMED_OUT] = True
         proxyserver: Any = ctx.master.addons.get("proxyserver")
         handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
@@ -163,8 +189,7 @@ class Failures:
         self._finish(flow)
 
     def _finish(self, flow: http.HTTPFlow) -> None:
-        if timer := self._response_timers.pop(flow.id, None):
-            timer.cancel()
+        self._deadlines.pop(flow.id, None)
         key = (flow.client_conn.id, _connect_address(flow))
         if self._connecting.get(key) is flow:
             del self._connecting[key]

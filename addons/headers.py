@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from mitmproxy import http
@@ -41,43 +44,89 @@ INFRASTRUCTURE_PREFIXES = ("x-forwarded-", "cf-")
 RESPONSE_PREFIXES = ("keyswap-", "access-control-")
 
 
-def hop_by_hop(headers: http.Headers) -> set[str]:
+def hop_by_hop(headers: http.Headers) -> frozenset[bytes]:
     """The hop-by-hop names to drop from these headers (those the Connection header
     names included); Connection itself is cut down to what mitmproxy needs."""
     connection = headers.get("connection")
-    tokens = [t.strip().lower() for t in (connection or "").split(",") if t.strip()]
-    websocket = "upgrade" in tokens and headers.get("upgrade", "").lower() == "websocket"
+    if not connection:
+        return _WITHOUT_CONNECTION
+    websocket = "upgrade" in connection.lower() and (
+        headers.get("upgrade", "").lower() == "websocket"
+    )
+    drop, rewritten = _connection_rules(connection, websocket)
+    if rewritten is not None:
+        headers["connection"] = rewritten
+    return drop
+
+
+@lru_cache(maxsize=256)
+def _connection_rules(
+    connection: str, websocket_upgrade: bool
+) -> tuple[frozenset[bytes], str | None]:
+    """What a Connection header value means: the names to drop, and the value to send
+    instead (None: unchanged). Cached: a handful of values cover almost all traffic."""
+    tokens = [t.strip().lower() for t in connection.split(",") if t.strip()]
+    websocket = websocket_upgrade and "upgrade" in tokens
     drop = set(HOP_BY_HOP).union(tokens) - NEVER_NAMED
     kept = [t for t in tokens if t in CONNECTION_TOKENS or (websocket and t == "upgrade")]
     if not kept:
         drop.add("connection")
-    elif kept != tokens:
-        headers["connection"] = ", ".join(kept)
     if not websocket:
         drop.add("upgrade")
-    return drop
+    rewritten = ", ".join(kept) if kept and kept != tokens else None
+    return frozenset(n.encode() for n in drop), rewritten
 
 
-def drop_headers(headers: http.Headers, names: set[str], prefixes: tuple[str, ...] = ()) -> None:
-    """Remove every header named in `names` (lower case) or starting with a prefix, in
-    one pass over the raw fields (mitmproxy's per-name removal scans them each time)."""
-    drop = {n.encode() for n in names}
-    starts = tuple(p.encode() for p in prefixes)
-    headers.fields = tuple(
-        (k, v)
-        for k, v in headers.fields
-        if (low := k.lower()) not in drop and not low.startswith(starts)
-    )
+_WITHOUT_CONNECTION = frozenset(n.encode() for n in (*HOP_BY_HOP, "connection", "upgrade"))
 
 
-def set_headers(headers: http.Headers, values: dict[str, str]) -> None:
-    for name, value in values.items():
-        headers[name] = value
+@dataclass(frozen=True)
+class Plan:
+    """One direction's header handling for one proxy, in raw bytes, built once per
+    config: what to drop (by name or prefix) and what to set."""
+
+    drop: frozenset[bytes]
+    prefixes: tuple[bytes, ...]
+    add: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def of(cls, always: Iterable[str], prefixes: Iterable[str], rules: HeaderRules) -> Plan:
+        # A header the rules set replaces the client's or target's: it is dropped first.
+        names = (*always, *rules.strip, *rules.set)
+        return cls(
+            frozenset(n.encode() for n in names),
+            tuple(p.encode() for p in prefixes),
+            tuple((k.encode(), v.encode()) for k, v in rules.set.items()),
+        )
+
+    def apply(self, headers: http.Headers) -> None:
+        """Drop and set in one pass over the raw fields (mitmproxy's per-name removal
+        and assignment scan them once per name)."""
+        drop = self.drop | hop_by_hop(headers)
+        starts = self.prefixes
+        kept = tuple(
+            (k, v)
+            for k, v in headers.fields
+            if (low := k.lower()) not in drop and not low.startswith(starts)
+        )
+        headers.fields = kept + self.add
+
+
+def request_plan(rules: HeaderRules) -> Plan:
+    return Plan.of((*INFRASTRUCTURE, *TOKEN_HEADERS), INFRASTRUCTURE_PREFIXES, rules)
+
+
+def response_plan(rules: HeaderRules) -> Plan:
+    return Plan.of((), RESPONSE_PREFIXES, rules)
+
+
+UNKNOWN_PROXY_RESPONSE = response_plan(HeaderRules())
 
 
 class HeaderFilter:
     """Strips what must not cross the gateway, in both directions, and applies the
-    proxy's own `request_headers` / `response_headers` settings."""
+    proxy's own `request_headers` / `response_headers` settings (compiled into `Plan`s
+    by the runtime)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -85,19 +134,13 @@ class HeaderFilter:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
             return
-        headers = flow.request.headers
-        rules = self.settings.runtime.config.proxies[flow.metadata[problem.PROXY]].request_headers
-        drop = hop_by_hop(headers) | INFRASTRUCTURE | set(TOKEN_HEADERS) | set(rules.strip)
-        drop_headers(headers, drop, INFRASTRUCTURE_PREFIXES)
-        set_headers(headers, rules.set)
+        plans = self.settings.runtime.header_plans[flow.metadata[problem.PROXY]]
+        plans[0].apply(flow.request.headers)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None or flow.metadata.get(problem.ANSWERED):
             return
-        headers = response.headers
-        proxy = self.settings.runtime.config.proxies.get(flow.metadata.get(problem.PROXY, ""))
-        rules = proxy.response_headers if proxy is not None else HeaderRules()
-        drop_headers(headers, hop_by_hop(headers) | set(rules.strip), RESPONSE_PREFIXES)
-        set_headers(headers, rules.set)
+        plans = self.settings.runtime.header_plans.get(flow.metadata.get(problem.PROXY, ""))
+        (plans[1] if plans else UNKNOWN_PROXY_RESPONSE).apply(response.headers)
         problem.stamp(flow, response)

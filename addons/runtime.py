@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from keyswap.config import Config, parse_rate_limit
+from keyswap.headers import Plan, request_plan, response_plan
 from keyswap.loader import LoadedConfig
 from keyswap.policy import RateLimiter
 from keyswap.routing import RouteTable
@@ -18,6 +19,7 @@ class Runtime:
     routes: RouteTable = field(default_factory=lambda: RouteTable(()))
     tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # digest -> proxy, token id
     limiters: dict[str, RateLimiter] = field(default_factory=dict)
+    header_plans: dict[str, tuple[Plan, Plan]] = field(default_factory=dict)  # request, response
 
     @property
     def config(self) -> Config:
@@ -47,4 +49,8 @@ class Runtime:
                 limiters[pid] = kept  # a reload does not reset the bucket
             else:
                 limiters[pid] = RateLimiter(*parse_rate_limit(proxy.rate_limit))
-        return cls(loaded, routes, tokens, limiters)
+        header_plans = {
+            pid: (request_plan(proxy.request_headers), response_plan(proxy.response_headers))
+            for pid, proxy in config.proxies.items()
+        }
+        return cls(loaded, routes, tokens, limiters, header_plans)

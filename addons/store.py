@@ -8,6 +8,7 @@ import getpass
 import json
 import sqlite3
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,13 @@ OAUTH2_COLUMNS: dict[str, type] = {
 
 def iso(ts: float) -> str:
     """A Unix time as UTC ISO 8601 with milliseconds: sorts as text."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+    return f"{_iso_second(int(ts))}.{int(ts * 1000) % 1000:03d}Z"
+
+
+@lru_cache(maxsize=8)
+def _iso_second(second: int) -> str:
+    """Formatted once per second, not once per log row."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def now_iso() -> str:

@@ -12,9 +12,16 @@ BUFFER_LIMIT = 64 * 1024
 
 
 def _unbounded_or_large(message: http.Message) -> bool:
-    length = message.headers.get("content-length")
+    # One pass over the raw fields: two header lookups would scan them twice, slower.
+    length = None
+    for name, value in message.headers.fields:
+        name = name.lower()
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            length = value
     if length is None:
-        return "transfer-encoding" in message.headers or isinstance(message, http.Response)
+        return isinstance(message, http.Response)  # no length: it ends when the server closes
     try:
         return int(length) > BUFFER_LIMIT
     except ValueError:

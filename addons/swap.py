@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 MASK = "********"
 MASK_BYTES = MASK.encode()
+ALWAYS_MASKED = frozenset({b"proxy-authorization", *(n.encode() for n in TOKEN_HEADERS)})
 
 
 def with_query_param(path: str, name: str, value: str) -> str:
@@ -76,9 +77,9 @@ def mask(flow: http.HTTPFlow) -> None:
     """Replace the target credential, the upstream proxy's credential and any proxy
     token in the stored request with `********` (a refused request still carries the
     client's token)."""
-    names = {b"proxy-authorization", *(n.encode() for n in TOKEN_HEADERS)}
+    names = ALWAYS_MASKED
     if header := flow.metadata.get(problem.SECRET_HEADER):
-        names.add(header.encode())
+        names = names | {header.encode()}
     headers = flow.request.headers
     headers.fields = tuple((k, MASK_BYTES if k.lower() in names else v) for k, v in headers.fields)
     param = flow.metadata.get(problem.SECRET_QUERY)

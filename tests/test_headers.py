@@ -1,6 +1,7 @@
 from mitmproxy.http import Headers
 
-from keyswap.headers import INFRASTRUCTURE, INFRASTRUCTURE_PREFIXES, drop_headers, hop_by_hop
+from keyswap.config import HeaderRules
+from keyswap.headers import Plan, request_plan, response_plan
 
 
 def headers(**kw: str) -> Headers:
@@ -8,7 +9,7 @@ def headers(**kw: str) -> Headers:
 
 
 def filtered(h: Headers) -> dict[str, str]:
-    drop_headers(h, hop_by_hop(h))
+    Plan.of((), (), HeaderRules()).apply(h)
     return dict(h)
 
 
@@ -48,5 +49,23 @@ def test_infrastructure_headers_go_in_one_pass_keeping_order_and_duplicates() ->
             (b"Cookie", b"b=2"),
         ]
     )
-    drop_headers(h, set(INFRASTRUCTURE), INFRASTRUCTURE_PREFIXES)
+    request_plan(HeaderRules()).apply(h)
     assert h.fields == ((b"Accept", b"*/*"), (b"Cookie", b"a=1"), (b"Cookie", b"b=2"))
+
+
+def test_proxy_tokens_never_reach_the_target() -> None:
+    h = headers(authorization="Bearer ks_x", x_proxy_token="ks_y", accept="*/*")
+    request_plan(HeaderRules()).apply(h)
+    assert dict(h) == {"accept": "*/*"}
+
+
+def test_rules_strip_and_set_replacing_what_was_sent() -> None:
+    h = Headers([(b"X-Team", b"client"), (b"X-Debug", b"1"), (b"Accept", b"*/*")])
+    request_plan(HeaderRules(strip=["x-debug"], set={"x-team": "crm"})).apply(h)
+    assert h.fields == ((b"Accept", b"*/*"), (b"x-team", b"crm"))
+
+
+def test_the_targets_own_keyswap_and_cors_headers_never_reach_the_client() -> None:
+    h = headers(keyswap_proxy_code="x", access_control_allow_origin="*", server="nginx")
+    response_plan(HeaderRules(strip=["server"])).apply(h)
+    assert dict(h) == {}

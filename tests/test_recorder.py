@@ -34,10 +34,13 @@ def test_headers_are_redacted_by_name_and_value() -> None:
             (b"Accept", b"*/*"),
         ]
     )
-    assert redact.header_json(headers) == (
-        '{"authorization": "********", "x-api-key": "********", "cookie": "********, ********", '
-        '"x-echo": "got ******** back", "accept": "*/*"}'
-    )
+    assert redact.header_dict(headers) == {
+        "authorization": "********",
+        "x-api-key": "********",
+        "cookie": "********, ********",
+        "x-echo": "got ******** back",
+        "accept": "*/*",
+    }
 
 
 def test_urls_mask_credential_query_parameters() -> None:
