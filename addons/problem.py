@@ -54,6 +54,8 @@ TITLES = {
 
 def one_line(text: str) -> str:
     """A header-safe single line of printable ASCII."""
+    if text.isascii() and text.isprintable() and "  " not in text and len(text) <= 300:
+        return text.strip()  # already one line: the common case, without a character loop
     cleaned = "".join(c if " " <= c <= "~" else " " for c in text)
     return " ".join(cleaned.split())[:300]
 

@@ -62,13 +62,14 @@ class Router:
             return
         flow.metadata[problem.REQUEST_ID] = new_request_id()
         raw = flow.request.data.path
-        flow.metadata[problem.PATH] = raw.decode("utf-8", "replace")
         try:
-            raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
+            flow.metadata[problem.PATH] = raw.decode("utf-8", "replace")
             problem.deny(flow, 400, "bad-request", "the path is not UTF-8; percent-encode it")
             return
-        path = flow.request.path.split("?", 1)[0]
+        flow.metadata[problem.PATH] = text
+        path = text.partition("?")[0]
         if path == RESERVED_PREFIX or path.startswith(RESERVED_PREFIX + "/"):
             flow.metadata[problem.RESERVED] = True
             return
