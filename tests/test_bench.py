@@ -53,7 +53,13 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
         run = report["runs"][name]
         assert all(run["rps"][str(c)] > 0 for c in report["settings"]["connections"])
         assert run["p50_ms"] > 0 and run["p99_ms"] >= run["p50_ms"] and run["peak_rss_mib"] > 0
-    assert set(report["ratios"]) == {"B/A_rps_c1", "B/A_rps_c16", "B-A_p99_ms_c1"}
+    assert set(report["ratios"]) == {
+        "B/A_rps_c1",
+        "B/A_rps_c16",
+        "B/A_rps_paired_c16",
+        "B-A_p99_ms_c1",
+    }
+    assert len(report["paired"]["rounds"]) == 1 and report["paired"]["B/A_rps"] > 0
     assert report["log"]["requests_sent"] == 500
     assert set(report["streaming"]) == {
         "download_rss_growth_mib",
