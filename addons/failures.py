@@ -122,7 +122,9 @@ class Failures:
             try:
                 self._response_timed_out(flow)
             except Exception:
-                logger.exception("keyswap: timing out %s failed", flow.request.url)
+                # Not the URL: after the swap it may carry a query credential.
+                target = flow.metadata.get(problem.TARGET)
+                logger.exception("keyswap: timing out a request to target '%s' failed", target)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.TARGET not in flow.metadata:
