@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from keyswap import problem
+from keyswap import fields, problem
 from keyswap.config import Proxy
 from keyswap.tokens import TOKEN_HEADERS
 
@@ -29,7 +29,7 @@ class Cors:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.PROXY not in flow.metadata:
             return
-        origin = flow.request.headers.get("origin")
+        origin = fields.get(flow.request.headers, b"origin")
         if origin is None:
             return
         proxy_id = flow.metadata[problem.PROXY]

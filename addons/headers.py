@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from keyswap import problem
+from keyswap import fields, problem
 from keyswap.config import HeaderRules
 from keyswap.tokens import TOKEN_HEADERS
 
@@ -47,15 +47,15 @@ RESPONSE_PREFIXES = ("keyswap-", "access-control-")
 def hop_by_hop(headers: http.Headers) -> frozenset[bytes]:
     """The hop-by-hop names to drop from these headers (those the Connection header
     names included); Connection itself is cut down to what mitmproxy needs."""
-    connection = headers.get("connection")
+    connection = fields.get(headers, b"connection")
     if not connection:
         return _WITHOUT_CONNECTION
     websocket = "upgrade" in connection.lower() and (
-        headers.get("upgrade", "").lower() == "websocket"
+        (fields.get(headers, b"upgrade") or "").lower() == "websocket"
     )
     drop, rewritten = _connection_rules(connection, websocket)
     if rewritten is not None:
-        headers["connection"] = rewritten
+        fields.put(headers, b"connection", rewritten.encode())
     return drop
 
 
@@ -102,12 +102,11 @@ class Plan:
     def apply(self, headers: http.Headers) -> None:
         """Drop and set in one pass over the raw fields (mitmproxy's per-name removal
         and assignment scan them once per name)."""
-        drop = self.drop | hop_by_hop(headers)
-        starts = self.prefixes
+        drop, hop, starts = self.drop, hop_by_hop(headers), self.prefixes
         kept = tuple(
             (k, v)
             for k, v in headers.fields
-            if (low := k.lower()) not in drop and not low.startswith(starts)
+            if (low := k.lower()) not in drop and low not in hop and not low.startswith(starts)
         )
         headers.fields = kept + self.add
 

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from mitmproxy import http
 
-from keyswap import problem
+from keyswap import fields, problem
 from keyswap.config import Target
 
 if TYPE_CHECKING:
@@ -139,13 +139,19 @@ class Rewrite:
             return
         dest = flow.metadata[problem.DESTINATION]
         request = flow.request
-        # The fields directly: mitmproxy's host and port setters rewrite the Host header
-        # each time; it is set once below. Origin-form, whatever form the client used.
-        request.scheme = dest["scheme"]
-        request.data.host = dest["host"]
-        request.data.port = dest["port"]
-        request.path = dest["path"]
-        request.authority = ""
-        request.host_header = hostport(dest["host"], dest["port"], dest["scheme"])
+        # The raw fields: mitmproxy's host and port setters rewrite the Host header each
+        # time, and its Headers API is slow; it is set once below. Origin-form, whatever
+        # form the client used.
+        data = request.data
+        data.scheme = dest["scheme"].encode()
+        data.host = dest["host"]
+        data.port = dest["port"]
+        data.path = dest["path"].encode("utf-8", "surrogateescape")
+        host = hostport(dest["host"], dest["port"], dest["scheme"])
+        # HTTP/2 and 3 carry it as :authority, and a Host field only when the client sent one.
+        h2 = request.is_http2 or request.is_http3
+        request.authority = host if h2 else ""
+        if not h2 or "host" in request.headers:
+            fields.put(request.headers, b"host", host.encode("utf-8", "surrogateescape"))
         target_id = flow.metadata[problem.TARGET]
         problem.decide(flow, problem.GRANTED, f"forwarded to target '{target_id}'")

@@ -11,8 +11,10 @@ from keyswap import problem
 BUFFER_LIMIT = 64 * 1024
 
 
-def _unbounded_or_large(message: http.Message) -> bool:
-    # One pass over the raw fields: two header lookups would scan them twice, slower.
+def _should_stream(message: http.Message) -> bool:
+    """Chunked, longer than the buffer limit, of unknown length (a response that ends
+    when the server closes) or a server-sent event stream. One pass over the raw fields:
+    a header lookup per question would scan them once each."""
     length = None
     for name, value in message.headers.fields:
         name = name.lower()
@@ -20,8 +22,10 @@ def _unbounded_or_large(message: http.Message) -> bool:
             return True
         if name == b"content-length":
             length = value
+        elif name == b"content-type" and value.lower().startswith(b"text/event-stream"):
+            return True
     if length is None:
-        return isinstance(message, http.Response)  # no length: it ends when the server closes
+        return isinstance(message, http.Response)
     try:
         return int(length) > BUFFER_LIMIT
     except ValueError:
@@ -47,13 +51,12 @@ class Streaming:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
             return
-        if _unbounded_or_large(flow.request):
+        if _should_stream(flow.request):
             flow.request.stream = ByteCounter(flow, problem.BYTES_IN)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None or flow.metadata.get(problem.ANSWERED):
             return
-        event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
-        if event_stream or _unbounded_or_large(response):
+        if _should_stream(response):
             response.stream = ByteCounter(flow, problem.BYTES_OUT)

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from mitmproxy import http
 
-from keyswap import problem
+from keyswap import fields, problem
 from keyswap.config import (
     BasicCredential,
     BearerCredential,
@@ -51,14 +51,16 @@ class CredentialSwap:
         request = flow.request
         match credential:
             case BearerCredential(token=token):
-                request.headers["authorization"] = f"Bearer {token.get_secret_value()}"
+                secret = f"Bearer {token.get_secret_value()}".encode("utf-8", "surrogateescape")
+                fields.put(request.headers, b"authorization", secret)
                 flow.metadata[problem.SECRET_HEADER] = "authorization"
             case BasicCredential(username=user, password=password):
-                pair = f"{user}:{password.get_secret_value()}".encode()
-                request.headers["authorization"] = "Basic " + base64.b64encode(pair).decode()
+                pair = f"{user}:{password.get_secret_value()}".encode("utf-8", "surrogateescape")
+                fields.put(request.headers, b"authorization", b"Basic " + base64.b64encode(pair))
                 flow.metadata[problem.SECRET_HEADER] = "authorization"
             case HeaderCredential(name=name, value=value):
-                request.headers[name] = value.get_secret_value()
+                secret = value.get_secret_value().encode("utf-8", "surrogateescape")
+                fields.put(request.headers, name.lower().encode(), secret)
                 flow.metadata[problem.SECRET_HEADER] = name
             case QueryCredential(name=name, value=value):
                 request.path = with_query_param(request.path, name, value.get_secret_value())

@@ -7,6 +7,8 @@ import secrets
 
 from mitmproxy.http import Headers
 
+from keyswap import fields
+
 PREFIX = "ks_"
 # Where a client may present its proxy credential; never forwarded to the target.
 TOKEN_HEADERS = ("authorization", "x-proxy-token")
@@ -26,10 +28,10 @@ def digest(token: str | bytes) -> str:
 def presented_token(headers: Headers) -> str | None:
     """The proxy token a request carries: `x-proxy-token: <t>`, `Authorization: Bearer <t>`
     or `Authorization: <t>`."""
-    token: str = headers.get("x-proxy-token", "")
+    token = fields.get(headers, b"x-proxy-token")
     if token:
         return token.strip()
-    auth: str = headers.get("authorization", "").strip()
+    auth = (fields.get(headers, b"authorization") or "").strip()
     scheme, _, rest = auth.partition(" ")
     if rest and scheme.lower() == "bearer":
         return rest.strip()
