@@ -82,17 +82,18 @@ class Policy:
             return
         runtime = self.settings.runtime
         proxy_id = flow.metadata[problem.PROXY]
-        proxy: Proxy = runtime.config.proxies[proxy_id]
+        config = runtime.config
+        proxy: Proxy = config.proxies[proxy_id]
         if not proxy.active:
             problem.deny(flow, 403, "inactive", f"proxy '{proxy_id}' is disabled")
             return
-        if not runtime.config.serves(proxy_id):
+        if proxy_id not in runtime.served:
             problem.deny(
                 flow,
                 403,
                 "not-served",
                 f"proxy '{proxy_id}' is not served in environment "
-                f"'{runtime.config.environment}'" + _region(runtime.config.region),
+                f"'{config.environment}'" + _region(config.region),
             )
             return
         method = flow.request.method.upper()
@@ -100,8 +101,8 @@ class Policy:
             allow = ", ".join(proxy.methods)
             problem.deny(flow, 405, "method", f"method {method} is not allowed", {"allow": allow})
             return
-        query = flow.request.path.partition("?")[2]
-        target = runtime.config.targets[proxy.target]
+        query = flow.metadata[problem.PATH].partition("?")[2]
+        target = config.targets[proxy.target]
         try:
             dest = resolve(target, flow.metadata[problem.REST], query)
         except Refused as e:

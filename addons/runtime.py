@@ -20,6 +20,7 @@ class Runtime:
     tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # digest -> proxy, token id
     limiters: dict[str, RateLimiter] = field(default_factory=dict)
     header_plans: dict[str, tuple[Plan, Plan]] = field(default_factory=dict)  # request, response
+    served: frozenset[str] = frozenset()  # the proxies this environment and region serve
 
     @property
     def config(self) -> Config:
@@ -32,7 +33,8 @@ class Runtime:
         config = loaded.config
         # Served proxies claim their routes first; the others stay routable so that a
         # request to them is told why it is refused instead of "unknown route".
-        order = sorted(config.proxies, key=lambda p: not config.serves(p))
+        served = frozenset(p for p in config.proxies if config.serves(p))
+        order = sorted(config.proxies, key=lambda p: p not in served)
         routes = RouteTable((r, pid) for pid in order for r in config.routes_of(pid))
         tokens = {
             t.sha256: (pid, t.id) for pid, proxy in config.proxies.items() for t in proxy.tokens
@@ -53,4 +55,4 @@ class Runtime:
             pid: (request_plan(proxy.request_headers), response_plan(proxy.response_headers))
             for pid, proxy in config.proxies.items()
         }
-        return cls(loaded, routes, tokens, limiters, header_plans)
+        return cls(loaded, routes, tokens, limiters, header_plans, served)
