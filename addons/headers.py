@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import compress
 from typing import TYPE_CHECKING
 
 from mitmproxy import http
@@ -80,7 +81,7 @@ def _connection_rules(
 _WITHOUT_CONNECTION = frozenset(n.encode() for n in (*HOP_BY_HOP, "connection", "upgrade"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: a plan is a key in each Shape's decisions
 class Plan:
     """One direction's header handling for one proxy, in raw bytes, built once per
     config: what to drop (by name or prefix) and what to set."""
@@ -94,21 +95,29 @@ class Plan:
         # A header the rules set replaces the client's or target's: it is dropped first.
         names = (*always, *rules.strip, *rules.set)
         return cls(
-            frozenset(n.encode() for n in names),
+            frozenset(n.lower().encode() for n in names),
             tuple(p.encode() for p in prefixes),
             tuple((k.encode(), v.encode()) for k, v in rules.set.items()),
         )
 
     def apply(self, headers: http.Headers) -> None:
-        """Drop and set in one pass over the raw fields (mitmproxy's per-name removal
-        and assignment scan them once per name)."""
-        drop, hop, starts = self.drop, hop_by_hop(headers), self.prefixes
-        kept = tuple(
-            (k, v)
-            for k, v in headers.fields
-            if (low := k.lower()) not in drop and low not in hop and not low.startswith(starts)
-        )
+        """Drop and set in one step: which fields go is decided once per name sequence
+        (and Connection meaning), then applied with a C-level selection."""
+        hop = hop_by_hop(headers)
+        found = fields.shape(headers)
+        keep, after = found.decide((self, hop), lambda shape: self._keep(shape, hop))
+        kept = headers.fields if keep is None else tuple(compress(headers.fields, keep))
         headers.fields = kept + self.add
+        fields.remember(headers.fields, after)
+
+    def _keep(
+        self, shape: fields.Shape, hop: frozenset[bytes]
+    ) -> tuple[tuple[bool, ...] | None, fields.Shape]:
+        """Which fields of this shape stay (None: all of them), and the shape after."""
+        drop, starts = self.drop | hop, self.prefixes
+        keep = tuple(n not in drop and not n.startswith(starts) for n in shape.lowered)
+        after = fields.shape_of((*compress(shape.names, keep), *(k for k, _ in self.add)))
+        return (None if all(keep) else keep), after
 
 
 def request_plan(rules: HeaderRules) -> Plan:

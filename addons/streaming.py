@@ -5,29 +5,33 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from keyswap import problem
+from keyswap import fields, problem
 
 # Bodies up to this size are buffered (cheap, and visible in mitmweb); larger ones stream.
 BUFFER_LIMIT = 64 * 1024
 
 
+def _framing(shape: fields.Shape) -> tuple[bool, int | None, int | None]:
+    """Chunked?, and where the content type and the content length are."""
+    lengths = shape.lowered.count(b"content-length")
+    chunked = b"transfer-encoding" in shape.first or lengths > 1  # ambiguous: stream it
+    return chunked, shape.first.get(b"content-type"), shape.first.get(b"content-length")
+
+
 def _should_stream(message: http.Message) -> bool:
     """Chunked, longer than the buffer limit, of unknown length (a response that ends
-    when the server closes) or a server-sent event stream. One pass over the raw fields:
-    a header lookup per question would scan them once each."""
-    length = None
-    for name, value in message.headers.fields:
-        name = name.lower()
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length":
-            length = value
-        elif name == b"content-type" and value.lower().startswith(b"text/event-stream"):
-            return True
+    when the server closes) or a server-sent event stream."""
+    headers = message.headers
+    chunked, content_type, length = fields.shape(headers).decide("framing", _framing)
+    if chunked:
+        return True
+    raw = headers.fields
+    if content_type is not None and raw[content_type][1][:17].lower() == b"text/event-stream":
+        return True
     if length is None:
         return isinstance(message, http.Response)
     try:
-        return int(length) > BUFFER_LIMIT
+        return int(raw[length][1]) > BUFFER_LIMIT
     except ValueError:
         return True
 

@@ -75,15 +75,27 @@ class CredentialSwap:
         mask(flow)
 
 
+def _masked(shape: fields.Shape, header: str | None) -> tuple[bool, ...] | None:
+    """Which fields of this shape are masked (None: none)."""
+    names = ALWAYS_MASKED | {header.lower().encode()} if header else ALWAYS_MASKED
+    hide = tuple(n in names for n in shape.lowered)
+    return hide if any(hide) else None
+
+
 def mask(flow: http.HTTPFlow) -> None:
     """Replace the target credential, the upstream proxy's credential and any proxy
     token in the stored request with `********` (a refused request still carries the
     client's token)."""
-    names = ALWAYS_MASKED
-    if header := flow.metadata.get(problem.SECRET_HEADER):
-        names = names | {header.encode()}
+    header = flow.metadata.get(problem.SECRET_HEADER)
     headers = flow.request.headers
-    headers.fields = tuple((k, MASK_BYTES if k.lower() in names else v) for k, v in headers.fields)
+    found = fields.shape(headers)
+    masked = found.decide(("mask", header), lambda shape: _masked(shape, header))
+    if masked:
+        headers.fields = tuple(
+            (k, MASK_BYTES) if hide else (k, v)
+            for hide, (k, v) in zip(masked, headers.fields, strict=True)
+        )
+        fields.remember(headers.fields, found)
     param = flow.metadata.get(problem.SECRET_QUERY)
     if param:
         flow.request.path = with_query_param(flow.request.path, param, MASK)

@@ -32,3 +32,24 @@ def test_put_replaces_in_place_and_keeps_the_original_spelling() -> None:
     fields.put(headers, b"host", b"b.example")
     assert headers.fields[0] == (b"Host", b"b.example")
     assert len(headers.fields) == len(RAW)
+
+
+def test_a_name_sequence_is_analysed_once_and_the_cache_is_bounded(monkeypatch) -> None:
+    monkeypatch.setattr(fields, "SHAPES_KEPT", 3)
+    monkeypatch.setattr(fields, "_SHAPES", {})
+    first = fields.shape(Headers(RAW))
+    again = fields.shape(Headers(list(RAW)))  # other objects, the same names
+    assert first is again
+    assert (first.repeated, first.first[b"x-multi"]) == (True, 2)
+    for i in range(5):
+        fields.shape(Headers([(f"x-{i}".encode(), b"v")]))
+    assert len(fields._SHAPES) <= 3
+
+
+def test_decisions_are_made_once_per_shape_and_key() -> None:
+    shape = fields.shape(Headers(RAW))
+    calls = []
+    for _ in range(3):
+        shape.decide(("test", 1), lambda s: calls.append(s) or len(s.lowered))
+    assert calls == [shape]
+    assert shape.decide(("test", 1), lambda s: 0) == len(RAW)

@@ -1,12 +1,14 @@
+import json
 from pathlib import Path
 
+import pytest
 import yaml
 from mitmproxy.http import Headers
 from mitmproxy.test import tflow
 
 from keyswap import problem
 from keyswap.config import Config
-from keyswap.recorder import Redaction, _preview, annotate
+from keyswap.recorder import Redaction, _preview, annotate, to_json
 from keyswap.store import open_db
 
 from .conftest import ROOT
@@ -41,6 +43,14 @@ def test_headers_are_redacted_by_name_and_value() -> None:
         "x-echo": "got ******** back",
         "accept": "*/*",
     }
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"a": "b"}, {"q": 'say "hi"\\', "u": "caf\u00e9 \u2603", "c": "\x00\x1f", "s": "\udcff"}],
+)
+def test_header_json_is_what_json_dumps_writes(headers: dict[str, str]) -> None:
+    assert to_json(headers) == json.dumps(headers)
 
 
 def test_urls_mask_credential_query_parameters() -> None:
