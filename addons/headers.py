@@ -81,7 +81,7 @@ def _connection_rules(
 _WITHOUT_CONNECTION = frozenset(n.encode() for n in (*HOP_BY_HOP, "connection", "upgrade"))
 
 
-@dataclass(frozen=True, eq=False)  # identity: a plan is a key in each Shape's decisions
+@dataclass(frozen=True)  # hashable by content: equal plans share decisions across reloads
 class Plan:
     """One direction's header handling for one proxy, in raw bytes, built once per
     config: what to drop (by name or prefix) and what to set."""

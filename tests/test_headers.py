@@ -69,3 +69,10 @@ def test_the_targets_own_keyswap_and_cors_headers_never_reach_the_client() -> No
     h = headers(keyswap_proxy_code="x", access_control_allow_origin="*", server="nginx")
     response_plan(HeaderRules(strip=["server"])).apply(h)
     assert dict(h) == {}
+
+
+def test_equal_rules_make_equal_plans_so_reloads_share_header_decisions() -> None:
+    rules = HeaderRules(strip=["x-debug"], set={"x-team": "a"})
+    assert request_plan(rules) == request_plan(HeaderRules(strip=["x-debug"], set={"x-team": "a"}))
+    assert hash(request_plan(rules)) == hash(request_plan(rules))
+    assert request_plan(rules) != request_plan(HeaderRules(strip=["x-debug"]))
