@@ -20,6 +20,7 @@ from keyswap import fields, problem
 from keyswap.auth import TOKEN_ID
 from keyswap.config import Config, HeaderCredential, QueryCredential
 from keyswap.loader import LoadedConfig
+from keyswap.rewrite import origin_of
 from keyswap.routing import new_request_id
 from keyswap.store import audit_row, iso
 from keyswap.swap import MASK, with_query_param
@@ -272,10 +273,7 @@ class Recorder:
 def target_url(flow: http.HTTPFlow) -> str:
     """Where the request went (the target, also when it went through a proxy)."""
     dest = flow.metadata[problem.DESTINATION]
-    default = 443 if dest["scheme"] == "https" else 80
-    port = "" if dest["port"] == default else f":{dest['port']}"
-    host = f"[{dest['host']}]" if ":" in dest["host"] else dest["host"]
-    return f"{dest['scheme']}://{host}{port}{flow.request.path}"
+    return origin_of(dest["scheme"], dest["host"], dest["port"]) + flow.request.path
 
 
 def annotate(flow: http.HTTPFlow, row: dict[str, Any]) -> None:

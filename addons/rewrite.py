@@ -35,10 +35,7 @@ class Destination(NamedTuple):
 
     @property
     def url(self) -> str:
-        default = 443 if self.scheme == "https" else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        port = "" if self.port == default else f":{self.port}"
-        return f"{self.scheme}://{host}{port}{self.path}"
+        return origin_of(self.scheme, self.host, self.port) + self.path
 
 
 def decoded(path: str) -> str:
@@ -76,9 +73,8 @@ def hostport(host: str, port: int, scheme: str) -> str:
 
 
 def origin_of(scheme: str, host: str, port: int) -> str:
-    default = 443 if scheme == "https" else 80
-    host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}" + ("" if port == default else f":{port}")
+    """`scheme://host[:port]`, the port only when not the scheme's default."""
+    return f"{scheme}://{hostport(host, port, scheme)}"
 
 
 @lru_cache(maxsize=256)
