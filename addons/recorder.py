@@ -67,9 +67,13 @@ class Redaction:
         values = [v.decode("utf-8", "surrogateescape") for _, v in headers.fields]
         out: dict[str, str] = {}
         for name, value in zip(fields.shape(headers).text, values, strict=True):
-            shown = MASK if name in self.headers else self.text(value)
+            shown = self._shown(name, value)
             out[name] = f"{out[name]}, {shown}" if name in out else shown
         return out
+
+    def _shown(self, name: str, value: str) -> str:
+        """A header's value as the log shows it: masked by name, else by secret value."""
+        return MASK if name in self.headers else self.text(value)
 
     def headers_json(self, headers: http.Headers) -> str:
         """`json.dumps(self.header_dict(headers))`, in a few C calls for the usual case:
@@ -104,9 +108,7 @@ class Redaction:
     def header(self, headers: http.Headers, name: bytes) -> str | None:
         """One header's value as `header_dict` shows it."""
         value = fields.get(headers, name)
-        if value is None:
-            return None
-        return MASK if name.decode() in self.headers else self.text(value)
+        return None if value is None else self._shown(name.decode(), value)
 
     def has_secret(self, data: bytes) -> bool:
         return any(v in data for v in self._values_bytes)
