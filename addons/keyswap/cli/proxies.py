@@ -1,0 +1,521 @@
+"""`keyswap proxies ...`: managing proxies the way a dashboard would, by editing the config
+file (comments kept, validated first, replaced atomically, audited) and waiting for
+running gateways to load the change."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from ruamel.yaml.comments import CommentedMap
+
+from keyswap.cli.options import config_option, default_db, load_or_fail, table
+from keyswap.config.edit import ConfigEdit, flow_map, flow_seq
+from keyswap.config.loader import ConfigError, LoadedConfig
+from keyswap.config.model import Config, Proxy
+from keyswap.config.templates import TEMPLATES, Template
+from keyswap.config.tokens import digest, new_token
+from keyswap.state.registry import live_gateways
+from keyswap.state.store import audit
+
+ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+WAIT_S = 5.0
+
+
+LIST_WIDTHS = {
+    "name": 28,
+    "target_url": 24,
+    "methods": 11,
+    "status": 8,
+    "created": 10,
+    "template": 9,
+}
+
+
+db_for = click.option(
+    "--db", "db_path", type=click.Path(dir_okay=False), help="State database (audit)."
+)
+
+
+actor_option = click.option("--actor", help="Who makes the change [default: the OS user].")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def proxy_urls(config: Config, pid: str) -> list[str]:
+    """The proxy's URLs under `public_base_url` (the "copy URL" of a dashboard)."""
+    if not config.public_base_url:
+        return []
+    base = config.public_base_url.replace("{region}", config.region or "").rstrip("/")
+    return [base + route for route in config.routes_of(pid)]
+
+
+def proxy_or_fail(config: Config, pid: str) -> Proxy:
+    proxy = config.proxies.get(pid)
+    if proxy is None:
+        raise click.ClickException(
+            f"no proxy '{pid}' (known: {', '.join(sorted(config.proxies)) or 'none'})"
+        )
+    return proxy
+
+
+def commit(
+    edit: ConfigEdit,
+    db_path: str | None,
+    action: str,
+    resource: str,
+    detail: dict[str, Any],
+    actor: str | None,
+) -> LoadedConfig:
+    """Validate and write the edit, audit it, and wait for running gateways to load it."""
+    try:
+        loaded = edit.save()
+    except ConfigError as e:
+        for problem in e.problems:
+            click.echo(f"error: {problem}", err=True)
+        raise click.ClickException(
+            "the change would make the config invalid; nothing was written"
+        ) from None
+    db = Path(db_path) if db_path else default_db(edit.path)
+    audit(db, action, resource, detail, actor)
+    click.echo(f"{action} {resource}: written to {edit.path}")
+    for gateway in live_gateways(db, edit.path):
+        click.echo(wait_for(gateway, loaded.digest))
+    return loaded
+
+
+def wait_for(gateway: dict[str, Any], digest_: str) -> str:
+    """Poll a gateway's health endpoint until it serves the config with this digest."""
+    where = f"gateway pid {gateway['pid']} at {gateway['url']}"
+    started = time.monotonic()
+    while time.monotonic() - started < WAIT_S:
+        try:
+            health = httpx.get(f"{gateway['url']}/_keyswap/health", timeout=2).json()
+            if health.get("config", {}).get("digest") == digest_:
+                return f"{where} serves the change ({time.monotonic() - started:.1f} s)"
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.1)
+    return f"warning: {where} has not loaded the change within {WAIT_S:.0f} s"
+
+
+@click.group()
+def proxies() -> None:
+    """List, create, change and delete proxies.
+
+    \b
+    Example:
+      keyswap proxies list --status active
+    """
+
+
+@proxies.command("list")
+@config_option
+@click.option("--search", help="Text in the name, id, description or target URL.")
+@click.option("--env", help="Only proxies served in this environment.")
+@click.option("--region", help="Only proxies in this region (or in none).")
+@click.option("--status", type=click.Choice(["active", "disabled"]))
+@click.option("--sort", type=click.Choice(["name", "created"]), default="name", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def list_proxies(
+    config_path: str,
+    search: str | None,
+    env: str | None,
+    region: str | None,
+    status: str | None,
+    sort: str,
+    as_json: bool,
+) -> None:
+    """List proxies: name and description, target URL, methods, status, created, template.
+
+    \b
+    Example:
+      keyswap proxies list --search crm --sort created
+    """
+    config = load_or_fail(config_path).config
+    rows = []
+    for pid, proxy in config.proxies.items():
+        target = config.targets[proxy.target]
+        row = {
+            "id": pid,
+            "name": proxy.name or pid,
+            "description": proxy.description,
+            "target_url": target.base_url,
+            "methods": proxy.methods or ["all"],
+            "status": "active" if proxy.active else "disabled",
+            "created": proxy.created.strftime("%Y-%m-%d") if proxy.created else "",
+            "template": proxy.template or "",
+            "environments": proxy.environments,
+            "region": proxy.region,
+        }
+        text = " ".join([pid, proxy.name, proxy.description, target.base_url]).lower()
+        if search and search.lower() not in text:
+            continue
+        if env and proxy.environments is not None and env not in proxy.environments:
+            continue
+        if region and proxy.region not in (None, region):
+            continue
+        if status and row["status"] != status:
+            continue
+        rows.append(row)
+    rows.sort(key=lambda r: (r["created"] or "~") if sort == "created" else str(r["name"]).lower())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    shown = []
+    for row in rows:
+        label = f"{row['id']}: {row['name']}" + (
+            f" - {row['description']}" if row["description"] else ""
+        )
+        cells = {**row, "name": label, "methods": ",".join(row["methods"])}  # type: ignore[arg-type]
+        shown.append({k: _short(str(cells[k]), w) for k, w in LIST_WIDTHS.items()})
+    click.echo(table(shown, list(LIST_WIDTHS)))  # type: ignore[arg-type]
+
+
+@proxies.command("show")
+@config_option
+@click.argument("pid", metavar="ID")
+def show(config_path: str, pid: str) -> None:
+    """Everything about one proxy: URLs, target, routes, rules, tokens (ids and dates).
+
+    \b
+    Example:
+      keyswap proxies show crm-prod
+    """
+    config = load_or_fail(config_path).config
+    proxy = proxy_or_fail(config, pid)
+    target = config.targets[proxy.target]
+    lines = [
+        f"{pid}: {proxy.name or pid}" + (f" - {proxy.description}" if proxy.description else "")
+    ]
+    lines.append(f"  status:      {'active' if proxy.active else 'disabled'}")
+    for url in proxy_urls(config, pid):
+        lines.append(f"  url:         {url}")
+    lines.append(f"  routes:      {', '.join(config.routes_of(pid))}")
+    lines.append(
+        f"  target:      {proxy.target} ({target.base_url}), credential {target.credential}"
+    )
+    if target.upstream_proxy:
+        up = config.upstream_proxies[target.upstream_proxy]
+        lines.append(
+            f"  via:         upstream proxy {target.upstream_proxy} ({up.type}://{up.host}:{up.port})"
+        )
+    lines.append(f"  methods:     {', '.join(proxy.methods) if proxy.methods else 'all'}")
+    for rule in proxy.rules:
+        what = rule.match.model_dump(exclude_none=True) or "everything"
+        lines.append(f"  rule:        {rule.action} {what}")
+    if proxy.allowed_origins:
+        lines.append(f"  origins:     {', '.join(proxy.allowed_origins)}")
+    if proxy.rate_limit:
+        lines.append(f"  rate limit:  {proxy.rate_limit}")
+    lines.append(
+        f"  environments: {', '.join(proxy.environments) if proxy.environments else 'all'}"
+    )
+    if proxy.template:
+        lines.append(f"  template:    {proxy.template}")
+    if proxy.created:
+        lines.append(f"  created:     {proxy.created.isoformat()}")
+    for token in proxy.tokens:
+        created = token.created.isoformat() if token.created else "unknown"
+        lines.append(f"  token:       {token.id} (created {created})")
+    click.echo("\n".join(lines))
+
+
+def _proxy_options(f: Any) -> Any:
+    for option in reversed(
+        [
+            click.option("--name", help="Display name."),
+            click.option("--description", help="What the proxy is for."),
+            click.option(
+                "--route", "routes", multiple=True, help="Route (repeatable) [default: /api/<ID>]."
+            ),
+            click.option(
+                "--method",
+                "methods",
+                multiple=True,
+                help="Allowed method (repeatable) [default: all].",
+            ),
+            click.option(
+                "--origin", "origins", multiple=True, help="Allowed browser origin (repeatable)."
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _apply(
+    proxy: CommentedMap,
+    name: str | None,
+    description: str | None,
+    routes: tuple[str, ...],
+    methods: tuple[str, ...],
+    origins: tuple[str, ...],
+) -> dict[str, Any]:
+    changed: dict[str, Any] = {}
+    for key, value in (("name", name), ("description", description)):
+        if value is not None:
+            changed[key] = value
+            proxy[key] = value
+    for key, values in (
+        ("routes", routes),
+        ("methods", [m.upper() for m in methods]),
+        ("allowed_origins", origins),
+    ):
+        if values:
+            changed[key] = list(values)
+            proxy[key] = flow_seq(list(values))
+    return changed
+
+
+@proxies.command("create")
+@config_option
+@db_for
+@actor_option
+@click.argument("pid", metavar="ID")
+@click.option("--target", help="An existing target.")
+@click.option(
+    "--template",
+    type=click.Choice(sorted(TEMPLATES)),
+    help="Create target and credential from a template.",
+)
+@_proxy_options
+@click.option("--token-id", default="default", show_default=True, help="Name of the first token.")
+def create(
+    config_path: str,
+    db_path: str | None,
+    actor: str | None,
+    pid: str,
+    target: str | None,
+    template: str | None,
+    name: str | None,
+    description: str | None,
+    routes: tuple[str, ...],
+    methods: tuple[str, ...],
+    origins: tuple[str, ...],
+    token_id: str,
+) -> None:
+    """Create a proxy in front of a target (or a template's target) and print its token once.
+
+    \b
+    Example:
+      keyswap proxies create billing --template stripe --name Billing --origin https://app.example.com
+    """
+    if not ID.fullmatch(pid):
+        raise click.BadParameter("lowercase letters, digits, '-' and '_'", param_hint="ID")
+    if (target is None) == (template is None):
+        raise click.UsageError("give --target T or --template NAME")
+    edit = ConfigEdit(config_path)
+    if pid in edit.section("proxies"):
+        raise click.ClickException(f"proxy '{pid}' exists; use keyswap proxies edit {pid}")
+    proxy = CommentedMap()
+    notes = []
+    if template is not None:
+        t = TEMPLATES[template]
+        target = pid
+        if pid in edit.section("targets") or pid in edit.section("credentials"):
+            raise click.ClickException(f"a target or credential '{pid}' exists; use --target")
+        _add_template(edit, pid, t)
+        proxy.update(_template_proxy(t))
+        notes.append(
+            f"credential '{pid}' reads {', '.join(t.env_vars)}; set them where the gateway runs"
+        )
+    proxy["target"] = target
+    token = new_token()
+    proxy["created"] = _now()
+    changed = _apply(proxy, name, description, routes, methods, origins)
+    proxy["tokens"] = [flow_map({"id": token_id, "sha256": digest(token), "created": _now()})]
+    edit.section("proxies")[pid] = proxy
+    commit(
+        edit,
+        db_path,
+        "create",
+        f"proxies.{pid}",
+        {"target": target, "template": template, **changed},
+        actor,
+    )
+    click.echo(f"token {token_id} (shown once, store it now): {token}")
+    for note in notes:
+        click.echo(note)
+
+
+def _add_template(edit: ConfigEdit, name: str, t: Template) -> None:
+    edit.section("credentials")[name] = CommentedMap(t.credential)
+    edit.section("targets")[name] = CommentedMap({"base_url": t.base_url, "credential": name})
+    edit.section("targets")[name].yaml_add_eol_comment(f"{t.title}: {t.docs}", "base_url")
+
+
+def _template_proxy(t: Template) -> dict[str, Any]:
+    proxy: dict[str, Any] = {"template": t.name}
+    if t.methods:
+        proxy["methods"] = flow_seq(t.methods)
+    if t.rules:
+        proxy["rules"] = [flow_map(rule) for rule in t.rules]
+    if t.request_headers:
+        proxy["request_headers"] = t.request_headers
+    if t.response_headers:
+        proxy["response_headers"] = t.response_headers
+    if t.rate_limit:
+        proxy["rate_limit"] = t.rate_limit
+    return proxy
+
+
+@proxies.command("edit")
+@config_option
+@db_for
+@actor_option
+@click.argument("pid", metavar="ID")
+@click.option("--target", help="Point the proxy at another target.")
+@_proxy_options
+def edit_proxy(
+    config_path: str,
+    db_path: str | None,
+    actor: str | None,
+    pid: str,
+    target: str | None,
+    name: str | None,
+    description: str | None,
+    routes: tuple[str, ...],
+    methods: tuple[str, ...],
+    origins: tuple[str, ...],
+) -> None:
+    """Change a proxy's name, description, target, routes, methods or origins.
+
+    \b
+    Example:
+      keyswap proxies edit crm-prod --method GET --method POST --origin https://app.example.com
+    """
+    edit = ConfigEdit(config_path)
+    proxy = _editable(edit, pid)
+    changed = _apply(proxy, name, description, routes, methods, origins)
+    if target is not None:
+        proxy["target"] = changed["target"] = target
+    if not changed:
+        raise click.UsageError("nothing to change: give at least one option")
+    commit(edit, db_path, "edit", f"proxies.{pid}", changed, actor)
+    for key, value in changed.items():
+        click.echo(f"  {key}: {value}")
+
+
+def _editable(edit: ConfigEdit, pid: str) -> CommentedMap:
+    section = edit.section("proxies")
+    if pid not in section:
+        raise click.ClickException(
+            f"no proxy '{pid}' (known: {', '.join(sorted(section)) or 'none'})"
+        )
+    proxy = section[pid]
+    if not isinstance(proxy, CommentedMap):
+        raise click.ClickException(f"proxies.{pid} is not a mapping")
+    return proxy
+
+
+def _set_active(
+    config_path: str, db_path: str | None, actor: str | None, pid: str, active: bool
+) -> None:
+    edit = ConfigEdit(config_path)
+    _editable(edit, pid)["active"] = active
+    commit(
+        edit,
+        db_path,
+        "enable" if active else "disable",
+        f"proxies.{pid}",
+        {"active": active},
+        actor,
+    )
+
+
+@proxies.command("enable")
+@config_option
+@db_for
+@actor_option
+@click.argument("pid", metavar="ID")
+def enable(config_path: str, db_path: str | None, actor: str | None, pid: str) -> None:
+    """Let a disabled proxy serve again.
+
+    \b
+    Example:
+      keyswap proxies enable crm-prod
+    """
+    _set_active(config_path, db_path, actor, pid, True)
+
+
+@proxies.command("disable")
+@config_option
+@db_for
+@actor_option
+@click.argument("pid", metavar="ID")
+def disable(config_path: str, db_path: str | None, actor: str | None, pid: str) -> None:
+    """Refuse every request to a proxy (403) without deleting it.
+
+    \b
+    Example:
+      keyswap proxies disable crm-prod
+    """
+    _set_active(config_path, db_path, actor, pid, False)
+
+
+@proxies.command("rotate-token")
+@config_option
+@db_for
+@actor_option
+@click.argument("pid", metavar="ID")
+@click.option("--token-id", help="The token to replace (added when new) [default: the first].")
+def rotate_token(
+    config_path: str, db_path: str | None, actor: str | None, pid: str, token_id: str | None
+) -> None:
+    """Replace a proxy token: the new one is printed once, the old one stops working.
+
+    \b
+    Example:
+      keyswap proxies rotate-token crm-prod --token-id web
+    """
+    edit = ConfigEdit(config_path)
+    proxy = _editable(edit, pid)
+    tokens = proxy.get("tokens")
+    if tokens is None:
+        tokens = proxy["tokens"] = []
+    token_id = token_id or (tokens[0]["id"] if tokens else "default")
+    token = new_token()
+    entry = flow_map({"id": token_id, "sha256": digest(token), "created": _now()})
+    found = [i for i, t in enumerate(tokens) if t.get("id") == token_id]
+    if found:
+        tokens[found[0]] = entry
+    else:
+        tokens.append(entry)
+    commit(edit, db_path, "rotate-token", f"proxies.{pid}", {"token_id": token_id}, actor)
+    click.echo(f"token {token_id} (shown once, store it now): {token}")
+
+
+@proxies.command("delete")
+@config_option
+@db_for
+@actor_option
+@click.argument("pid", metavar="ID")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def delete(config_path: str, db_path: str | None, actor: str | None, pid: str, yes: bool) -> None:
+    """Delete a proxy and its rules and tokens; its target and credential stay.
+
+    \b
+    Example:
+      keyswap proxies delete crm-prod --yes
+    """
+    edit = ConfigEdit(config_path)
+    target = _editable(edit, pid).get("target")
+    if not yes:
+        click.confirm(f"delete proxy '{pid}' (its routes stop at once)?", abort=True)
+    del edit.section("proxies")[pid]
+    commit(edit, db_path, "delete", f"proxies.{pid}", {"target": target}, actor)

@@ -1,0 +1,121 @@
+"""The one place where secrets are masked: what the config says is secret (header
+names, query parameter names, secret values, the proxy token headers) and how a view
+(the activity log, `keyswap curl`, a stored flow) shows it: `********`."""
+
+from __future__ import annotations
+
+import json
+from itertools import compress
+from urllib.parse import quote
+
+from mitmproxy import http
+from pydantic import BaseModel, SecretStr
+
+from keyswap.config.model import Config, HeaderCredential, QueryCredential
+from keyswap.config.tokens import TOKEN_HEADERS
+from keyswap.net import fields
+from keyswap.net.urls import with_query_param
+
+MASK = "********"
+ALWAYS_REDACTED = frozenset({*TOKEN_HEADERS, "proxy-authorization", "cookie", "set-cookie"})
+
+
+# The escaping json.dumps applies to every string: quotes added, ASCII out.
+_ESCAPE = json.encoder.encode_basestring_ascii
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
+class Redaction:
+    """What the config says is secret: header names, query names and values."""
+
+    def __init__(self, config: Config | None) -> None:
+        names = set(ALWAYS_REDACTED)
+        params: set[str] = set()
+        values: set[str] = set()
+        if config is not None:
+            for credential in config.credentials.values():
+                if isinstance(credential, HeaderCredential):
+                    names.add(credential.name)
+                elif isinstance(credential, QueryCredential):
+                    params.add(credential.name)
+            values = {v for v in secret_values(config) if len(v) >= 4}
+        self.headers = frozenset(names)
+        self.params = frozenset(params)
+        self.values = sorted(values, key=len, reverse=True)
+        self._values_bytes = [v.encode("utf-8", "surrogateescape") for v in self.values]
+
+    def header_dict(self, headers: http.Headers) -> dict[str, str]:
+        """The headers redacted, repeated names joined with ", "."""
+        values = [v.decode("utf-8", "surrogateescape") for _, v in headers.fields]
+        out: dict[str, str] = {}
+        for name, value in zip(fields.shape(headers).text, values, strict=True):
+            shown = self._shown(name, value)
+            out[name] = f"{out[name]}, {shown}" if name in out else shown
+        return out
+
+    def _shown(self, name: str, value: str) -> str:
+        """A header's value as the log shows it: masked by name, else by secret value."""
+        return MASK if name in self.headers else self.text(value)
+
+    def headers_json(self, headers: http.Headers) -> str:
+        """`json.dumps(self.header_dict(headers))`, in a few C calls for the usual case:
+        printable ASCII values (an ETag's quotes included), no repeated name, no secret
+        value. The names and the masked values come from a template made once per header
+        shape, and the values, with `\\` and `"` escaped, drop into it. (The C encoder
+        costs as much per character as this costs per header.)"""
+        raw = headers.fields
+        joined = b"\x00".join([v for _, v in raw])
+        shape = fields.shape(headers)
+        if (
+            shape.repeated
+            or joined.translate(None, _PRINTABLE) != b"\x00" * (len(raw) - 1)
+            or self.has_secret(joined)
+        ):
+            return json.dumps(self.header_dict(headers))
+        if b'"' in joined or b"\\" in joined:
+            joined = joined.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+        made: tuple[bytes, tuple[bool, ...]] = shape.decide(("json", self.headers), self._template)
+        template, keep = made
+        return (template % tuple(compress(joined.split(b"\x00"), keep))).decode("ascii")
+
+    def _template(self, shape: fields.Shape) -> tuple[bytes, tuple[bool, ...]]:
+        """`{"name": "%s", "secret-name": "********", ...}` and which values fill it."""
+        keep = tuple(name not in self.headers for name in shape.text)
+        items = [
+            f"{_ESCAPE(name).replace('%', '%%')}: " + ('"%s"' if kept else _ESCAPE(MASK))
+            for name, kept in zip(shape.text, keep, strict=True)
+        ]
+        return ("{" + ", ".join(items) + "}").encode("ascii"), keep
+
+    def header(self, headers: http.Headers, name: bytes) -> str | None:
+        """One header's value as `header_dict` shows it."""
+        value = fields.get(headers, name)
+        return None if value is None else self._shown(name.decode(), value)
+
+    def has_secret(self, data: bytes) -> bool:
+        return any(v in data for v in self._values_bytes)
+
+    def url(self, url: str) -> str:
+        for name in self.params:
+            if f"{quote(name, safe='')}=" in url.partition("?")[2]:
+                url = with_query_param(url, name, MASK)
+        return self.text(url)
+
+    def text(self, text: str) -> str:
+        for value in self.values:
+            if value in text:
+                text = text.replace(value, MASK)
+        return text
+
+
+def secret_values(model: BaseModel) -> set[str]:
+    """Every secret value in a config (or a part of one)."""
+    found: set[str] = set()
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        for item in value.values() if isinstance(value, dict) else [value]:
+            if isinstance(item, SecretStr):
+                found.add(item.get_secret_value())
+            elif isinstance(item, BaseModel):
+                found |= secret_values(item)
+    return found

@@ -1,0 +1,21 @@
+"""Proxy credentials: `ks_<43 url-safe chars>` tokens, stored as sha256 hex digests."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+PREFIX = "ks_"
+# Where a client may present its proxy credential; never forwarded to the target.
+TOKEN_HEADERS = ("authorization", "x-proxy-token")
+
+
+def new_token() -> str:
+    """A fresh proxy token: `ks_` and 32 random bytes, url-safe base64 (43 chars)."""
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(token: str | bytes) -> str:
+    """The sha256 hex digest the config stores instead of the token."""
+    data = token.encode("utf-8", "surrogateescape") if isinstance(token, str) else token
+    return hashlib.sha256(data).hexdigest()

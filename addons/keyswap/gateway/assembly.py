@@ -1,0 +1,53 @@
+"""The gateway assembled: every stage in pipeline order. Each stage sees the flow after
+the ones before it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keyswap.gateway.pipeline import Pipeline
+from keyswap.gateway.settings import Settings
+from keyswap.gateway.stages.auth import Authenticate
+from keyswap.gateway.stages.cors import Cors
+from keyswap.gateway.stages.failures import Failures
+from keyswap.gateway.stages.headers import HeaderFilter
+from keyswap.gateway.stages.health import Health
+from keyswap.gateway.stages.oauth2 import OAuth2
+from keyswap.gateway.stages.policy import Policy
+from keyswap.gateway.stages.recorder import Recorder
+from keyswap.gateway.stages.rewrite import Rewrite
+from keyswap.gateway.stages.routing import Router
+from keyswap.gateway.stages.streaming import Streaming
+from keyswap.gateway.stages.swap import CredentialSwap
+from keyswap.gateway.stages.tls import TlsToTargets
+from keyswap.gateway.stages.upstream import UpstreamProxies
+
+
+def build() -> list[Any]:
+    """A fresh gateway: the stages in pipeline order, as one Pipeline addon."""
+    settings = Settings()
+    recorder = Recorder(settings)
+    cors = Cors(settings)
+    header_filter = HeaderFilter(settings)
+    # A retried response passes the response-side filter again.
+    oauth2 = OAuth2(settings, recorder, retry_pipeline=[header_filter])
+
+    stages = [
+        settings,
+        Router(settings),
+        Health(settings, {"activity_log": recorder.report, "oauth2": oauth2.report}),
+        cors,
+        Authenticate(settings),
+        Policy(settings),
+        Rewrite(settings),
+        header_filter,
+        CredentialSwap(settings),
+        UpstreamProxies(settings),
+        Streaming(),
+        oauth2,  # after Streaming: a response it may retry must not stream
+        Failures(settings),
+        TlsToTargets(settings),
+        recorder,  # last: it sees every decision and the masked flow
+    ]
+    # One registered addon that runs the stages in order: see pipeline.py for why.
+    return [Pipeline(stages)]

@@ -1,0 +1,58 @@
+"""The config compiled for serving: route table, token index and rate limiters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keyswap.config.loader import LoadedConfig
+from keyswap.config.model import Config, parse_rate_limit
+from keyswap.gateway.header_plan import Plan, request_plan, response_plan
+from keyswap.gateway.rate_limit import RateLimiter
+from keyswap.gateway.routes import RouteTable
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One immutable snapshot of what the gateway serves; swapped whole on reload."""
+
+    loaded: LoadedConfig | None
+    routes: RouteTable = field(default_factory=lambda: RouteTable(()))
+    tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # digest -> proxy, token id
+    limiters: dict[str, RateLimiter] = field(default_factory=dict)
+    header_plans: dict[str, tuple[Plan, Plan]] = field(default_factory=dict)  # request, response
+    served: frozenset[str] = frozenset()  # the proxies this environment and region serve
+
+    @property
+    def config(self) -> Config:
+        if self.loaded is None:
+            raise RuntimeError("keyswap has no configuration loaded")
+        return self.loaded.config
+
+    @classmethod
+    def build(cls, loaded: LoadedConfig, previous: Runtime | None = None) -> Runtime:
+        config = loaded.config
+        # Served proxies claim their routes first; the others stay routable so that a
+        # request to them is told why it is refused instead of "unknown route".
+        served = frozenset(p for p in config.proxies if config.serves(p))
+        order = sorted(config.proxies, key=lambda p: p not in served)
+        routes = RouteTable((r, pid) for pid in order for r in config.routes_of(pid))
+        tokens = {
+            t.sha256: (pid, t.id) for pid, proxy in config.proxies.items() for t in proxy.tokens
+        }
+        limiters: dict[str, RateLimiter] = {}
+        old = previous.limiters if previous else {}
+        old_config = previous.loaded.config if previous and previous.loaded else None
+        for pid, proxy in config.proxies.items():
+            if proxy.rate_limit is None:
+                continue
+            kept = old.get(pid)
+            was = old_config.proxies.get(pid) if old_config else None
+            if kept is not None and was is not None and was.rate_limit == proxy.rate_limit:
+                limiters[pid] = kept  # a reload does not reset the bucket
+            else:
+                limiters[pid] = RateLimiter(*parse_rate_limit(proxy.rate_limit))
+        header_plans = {
+            pid: (request_plan(proxy.request_headers), response_plan(proxy.response_headers))
+            for pid, proxy in config.proxies.items()
+        }
+        return cls(loaded, routes, tokens, limiters, header_plans, served)

@@ -1,0 +1,144 @@
+"""The gateway's options and its live configuration: loaded at start (an invalid
+file stops the gateway), polled for changes (an invalid change keeps the old one)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+
+from keyswap.config.loader import ConfigError, ConfigSource, LoadedConfig
+from keyswap.gateway.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.5
+
+
+class Settings:
+    """Declares keyswap's options, checks mitmproxy's, and holds the served config."""
+
+    def __init__(self) -> None:
+        self.source: ConfigSource | None = None
+        self.runtime = Runtime(None)
+        self._watch: asyncio.Task[None] | None = None
+        # Called with (loaded config | None, errors) after every reload attempt.
+        self.on_reload: list[Callable[[LoadedConfig | None, list[str]], None]] = []
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "keyswap_config", str, "", "keyswap's YAML configuration file (required)."
+        )
+        loader.add_option(
+            "keyswap_db",
+            str,
+            "",
+            "keyswap's state database (activity log). Default: keyswap.db beside the config.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"keep_host_header", "stream_large_bodies"}:
+            check_options()
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            # Eager mode would connect to the reverse-mode placeholder before routing.
+            ctx.options.update(connection_strategy="lazy")
+        if "keyswap_config" in updated and ctx.options.keyswap_config:
+            path = ctx.options.keyswap_config
+            try:
+                source = ConfigSource(path)
+            except ConfigError as e:
+                raise exceptions.OptionsError(
+                    f"keyswap: {path} is invalid:\n" + "\n".join(str(p) for p in e.problems)
+                ) from None
+            self.source = source
+            self.runtime = Runtime.build(source.current, self.runtime)
+            for warning in source.current.warnings:
+                logger.warning("keyswap: %s", warning)
+            logger.info("keyswap: serving %s (%s)", path, _describe(source.current))
+
+    def running(self) -> None:
+        # Checked here, not in configure: a rollback to mitmproxy's default mode would
+        # fail the same check again. An error logged at start-up makes mitmproxy exit 1.
+        if problem := mode_problem(ctx.options.mode):
+            logger.error("keyswap: %s", problem)
+            return
+        if self.source is None:
+            logger.error(
+                "keyswap: no configuration; start with --set keyswap_config=config/keyswap.yaml"
+            )
+            return
+        self._watch = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    def done(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL_S)
+            self.reload()
+
+    def reload(self) -> None:
+        """Pick up a changed config file; keep serving the old one if it is invalid."""
+        assert self.source is not None
+        try:
+            loaded = self.source.poll()
+        except ConfigError as e:
+            errors = [str(p) for p in e.problems]
+            for error in errors:
+                logger.error("keyswap: reload failed, still serving the previous config: %s", error)
+            self._notify(None, errors)
+            return
+        except Exception:
+            logger.exception("keyswap: reload failed, still serving the previous config")
+            return
+        if loaded is None:
+            return
+        self.runtime = Runtime.build(loaded, self.runtime)
+        for warning in loaded.warnings:
+            logger.warning("keyswap: %s", warning)
+        logger.info("keyswap: reloaded %s (%s)", loaded.path, _describe(loaded))
+        self._notify(loaded, [])
+
+    def _notify(self, loaded: LoadedConfig | None, errors: list[str]) -> None:
+        for callback in self.on_reload:
+            try:
+                callback(loaded, errors)
+            except Exception:
+                logger.exception("keyswap: reload listener failed")
+
+    def db_path(self) -> Path:
+        """The state database: the option, else keyswap.db beside the config file."""
+        if ctx.options.keyswap_db:
+            return Path(ctx.options.keyswap_db)
+        return Path(ctx.options.keyswap_config).parent / "keyswap.db"
+
+
+def mode_problem(modes: list[str]) -> str | None:
+    """keyswap is a reverse proxy in front of many targets: every listener must be reverse."""
+    if modes and all(isinstance(ProxyMode.parse(m), ReverseMode) for m in modes):
+        return None
+    return f"keyswap runs in reverse mode: --mode reverse:http://unused.invalid@8080 (got {modes})"
+
+
+def check_options() -> None:
+    """Refuse mitmproxy settings that would undo what keyswap does per request."""
+    if ctx.options.keep_host_header:
+        raise exceptions.OptionsError(
+            "keyswap rewrites the Host header for each target; unset keep_host_header"
+        )
+    if ctx.options.stream_large_bodies:
+        raise exceptions.OptionsError(
+            "keyswap decides streaming per request; unset stream_large_bodies"
+        )
+
+
+def _describe(loaded: LoadedConfig) -> str:
+    c = loaded.config
+    served = sum(c.serves(p) for p in c.proxies)
+    return f"environment {c.environment}, {served} of {len(c.proxies)} proxies served"

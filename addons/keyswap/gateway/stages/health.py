@@ -1,0 +1,70 @@
+"""`GET /_keyswap/health`: is the gateway up, and what is it serving. No token, no secret."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import http
+
+from keyswap import __version__
+from keyswap.gateway import problem
+
+if TYPE_CHECKING:
+    from keyswap.gateway.settings import Settings
+
+PATH = "/_keyswap/health"
+
+
+class Health:
+    """Answers the health endpoint with the served config's digest, load time and counts."""
+
+    def __init__(
+        self, settings: Settings, reporters: dict[str, Callable[[], dict[str, Any]]] | None = None
+    ) -> None:
+        self.settings = settings
+        self.started = time.time()
+        self.reporters = reporters or {}
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not flow.metadata.get(problem.RESERVED):
+            return
+        if flow.request.path.split("?", 1)[0] != PATH:
+            problem.deny(flow, 404, "unknown-route", "no keyswap endpoint at this path")
+            return
+        if flow.request.method not in ("GET", "HEAD"):
+            problem.deny(flow, 405, "method", "the health endpoint answers GET", {"allow": "GET"})
+            return
+        body = json.dumps(self.report(), indent=2).encode()
+        flow.response = http.Response.make(
+            200, body, {"content-type": "application/json", "cache-control": "no-store"}
+        )
+        flow.metadata[problem.ANSWERED] = True
+        problem.decide(flow, problem.GRANTED, "health report")
+        problem.stamp(flow, flow.response)
+
+    def report(self) -> dict[str, Any]:
+        runtime = self.settings.runtime
+        report: dict[str, Any] = {"status": "ok", "version": __version__}
+        report["uptime_s"] = round(time.time() - self.started, 1)
+        if runtime.loaded is not None:
+            c = runtime.config
+            report["config"] = {
+                "path": str(runtime.loaded.path),
+                "digest": runtime.loaded.digest,
+                "loaded_at": _iso(runtime.loaded.loaded_at),
+                "environment": c.environment,
+                "region": c.region,
+                "proxies": len(c.proxies),
+                "proxies_served": sum(c.serves(p) for p in c.proxies),
+                "targets": len(c.targets),
+            }
+        for name, reporter in self.reporters.items():
+            report[name] = reporter()
+        return report
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

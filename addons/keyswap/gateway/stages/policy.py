@@ -1,0 +1,117 @@
+"""A proxy's rules: active, environment, methods, path rules and rate limit."""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from mitmproxy import http
+
+from keyswap.config.model import Proxy, Rule
+from keyswap.gateway import problem
+from keyswap.gateway.stages.rewrite import Refused, resolve
+
+if TYPE_CHECKING:
+    from keyswap.gateway.settings import Settings
+
+
+@lru_cache(maxsize=1024)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """`*` matches inside one segment, `**` across segments; `/x/**` also matches `/x`."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("/**", i) and i + 3 == len(pattern):
+            out.append("(?:/.*)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def rule_verdict(rules: list[Rule], method: str, path: str) -> Rule | None:
+    """The first rule that matches the request, or None (default allow)."""
+    for rule in rules:
+        match = rule.match
+        if match.methods is not None and method not in match.methods:
+            continue
+        if match.path is not None and not glob_regex(match.path).fullmatch(path):
+            continue
+        return rule
+    return None
+
+
+class Policy:
+    """Applies a proxy's rules once the caller is authenticated."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or problem.PROXY not in flow.metadata:
+            return
+        runtime = self.settings.runtime
+        proxy_id = flow.metadata[problem.PROXY]
+        config = runtime.config
+        proxy: Proxy = config.proxies[proxy_id]
+        if not proxy.active:
+            problem.deny(flow, 403, "inactive", f"proxy '{proxy_id}' is disabled")
+            return
+        if proxy_id not in runtime.served:
+            problem.deny(
+                flow,
+                403,
+                "not-served",
+                f"proxy '{proxy_id}' is not served in environment "
+                f"'{config.environment}'" + _region(config.region),
+            )
+            return
+        method = flow.request.method.upper()
+        if proxy.methods is not None and method not in proxy.methods:
+            allow = ", ".join(proxy.methods)
+            problem.deny(flow, 405, "method", f"method {method} is not allowed", {"allow": allow})
+            return
+        query = flow.metadata[problem.PATH].partition("?")[2]
+        target = config.targets[proxy.target]
+        try:
+            dest = resolve(target, flow.metadata[problem.REST], query)
+        except Refused as e:
+            problem.deny(flow, 403, "host", str(e))
+            return
+        rule = rule_verdict(proxy.rules, method, dest.relative)
+        if rule is not None and rule.action == "deny":
+            problem.deny(flow, 403, "rule", "a rule of this proxy denies the request")
+            return
+        limiter = runtime.limiters.get(proxy_id)
+        if limiter is not None:
+            wait = limiter.take()
+            if wait:
+                retry = str(max(1, math.ceil(wait)))
+                problem.deny(
+                    flow,
+                    429,
+                    "rate-limit",
+                    f"rate limit {proxy.rate_limit} exceeded",
+                    {"retry-after": retry},
+                )
+                return
+        flow.metadata[problem.TARGET] = proxy.target
+        flow.metadata[problem.DESTINATION] = {
+            "scheme": dest.scheme,
+            "host": dest.host,
+            "port": dest.port,
+            "path": dest.path,
+        }
+
+
+def _region(region: str | None) -> str:
+    return f" (region '{region}')" if region else ""

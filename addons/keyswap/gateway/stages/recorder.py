@@ -1,0 +1,205 @@
+"""The activity log: one `requests` row per flow that reached the gateway, denied ones
+included, written when the flow ends (`response` or `error`). Secrets never reach a
+row: credential headers, cookies and the config's credential header and query names
+are stored as `********`, and body previews have every configured secret value masked."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
+
+from keyswap.config.loader import LoadedConfig
+from keyswap.config.secrets import Redaction
+from keyswap.gateway import problem
+from keyswap.gateway.stages.auth import TOKEN_ID
+from keyswap.gateway.stages.upstream import UPSTREAM
+from keyswap.net.urls import origin_of
+from keyswap.state.store import audit_row, iso, new_request_id
+from keyswap.state.writer import Writer
+
+if TYPE_CHECKING:
+    from keyswap.gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RECORDED = "keyswap.recorded"
+
+
+class Recorder:
+    """Turns each finished flow into an activity log row, on the writer thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.writer: Writer | None = None
+        self._redaction = Redaction(None)
+        self._redaction_for: LoadedConfig | None = None
+        self.body_cap = 0
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "keyswap_log_bodies",
+            int,
+            0,
+            "Store the first N bytes of buffered request and response bodies in the "
+            "activity log, secrets masked (0: off).",
+        )
+        loader.add_option(
+            "keyswap_log_retention_days",
+            int,
+            0,
+            "Delete activity log rows older than this many days (0: keep everything).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "keyswap_log_bodies" in updated:
+            self.body_cap = ctx.options.keyswap_log_bodies
+
+    def running(self) -> None:
+        if self.settings.source is None:
+            return
+        self.writer = Writer(self.settings.db_path(), ctx.options.keyswap_log_retention_days)
+        self.settings.on_reload.append(self.audit_reload)
+        logger.info("keyswap: activity log in %s", self.writer.path)
+        self.writer.add("gateways", self.announcement())
+
+    def announcement(self) -> dict[str, Any]:
+        """Where this gateway serves which config, so the command line can wait for it."""
+        proxyserver: Any = ctx.master.addons.get("proxyserver")
+        addresses = proxyserver.listen_addrs() if proxyserver else []
+        url = None
+        if addresses:
+            host, port = addresses[0][:2]
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        assert self.settings.source is not None
+        return {
+            "pid": os.getpid(),
+            "config": str(self.settings.source.path.resolve()),
+            "url": url,
+            "started_at": iso(time.time()),
+        }
+
+    def done(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            logger.info("keyswap: activity log closed (%s)", self.writer.report())
+
+    def report(self) -> dict[str, Any]:
+        return self.writer.report() if self.writer else {}
+
+    def audit_reload(self, loaded: LoadedConfig | None, errors: list[str]) -> None:
+        if self.writer is None:
+            return
+        path = str(self.settings.source.path if self.settings.source else "")
+        if loaded is not None:
+            detail: dict[str, Any] = {
+                "digest": loaded.digest,
+                "proxies": sorted(loaded.config.proxies),
+            }
+            self.writer.add("audit", audit_row("reload", path, detail, actor="gateway"))
+        else:
+            self.writer.add(
+                "audit", audit_row("reload-failed", path, {"errors": errors}, actor="gateway")
+            )
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.record(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.record(flow)
+
+    def record(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(RECORDED) or self.writer is None:
+            return
+        flow.metadata[RECORDED] = True
+        try:
+            row = self.row(flow)
+        except Exception:
+            logger.exception("keyswap: could not build the activity log row")
+            return
+        annotate(flow, row)
+        self.writer.add("requests", row)
+
+    def redaction(self) -> Redaction:
+        loaded = self.settings.runtime.loaded
+        if loaded is not self._redaction_for:
+            self._redaction = Redaction(loaded.config if loaded else None)
+            self._redaction_for = loaded
+        return self._redaction
+
+    def row(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        redact = self.redaction()
+        request, response, meta = flow.request, flow.response, flow.metadata
+        end = (response.timestamp_end if response else None) or time.time()
+        config = self.settings.runtime.config if self.settings.runtime.loaded else None
+        error = meta.get(problem.ERROR) or (flow.error.msg if flow.error else None)
+        code = meta.get(problem.CODE) or (problem.PROXY_ERROR if error else None)
+        row: dict[str, Any] = {
+            "id": meta.get(problem.REQUEST_ID) or new_request_id(),
+            "started_at": iso(request.timestamp_start),
+            "duration_ms": round((end - request.timestamp_start) * 1000, 3),
+            "proxy_id": meta.get(problem.PROXY),
+            "token_id": meta.get(TOKEN_ID),
+            "environment": config.environment if config else None,
+            "region": config.region if config else None,
+            "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            "method": request.method,
+            "path": redact.url(meta.get(problem.PATH) or request.path),
+            "target": meta.get(problem.TARGET),
+            "target_url": redact.url(target_url(flow)) if problem.DESTINATION in meta else None,
+            "status": response.status_code if response else None,
+            "proxy_code": code,
+            "message": meta.get(problem.MESSAGE) or (error and problem.one_line(error)),
+            "error": error,
+            "upstream_proxy": meta.get(UPSTREAM),
+            "bytes_in": _size(meta.get(problem.BYTES_IN), request),
+            "bytes_out": _size(meta.get(problem.BYTES_OUT), response),
+            "origin": redact.header(request.headers, b"origin"),
+            "user_agent": redact.header(request.headers, b"user-agent"),
+            "request_headers": redact.headers_json(request.headers),
+            "response_headers": redact.headers_json(response.headers) if response else None,
+            "attempts": meta.get(problem.ATTEMPTS, 1 if problem.DESTINATION in meta else 0),
+            "async_id": None,
+        }
+        cap = self.body_cap
+        if cap > 0:
+            row["request_body"] = _preview(request, cap, redact)
+            row["response_body"] = _preview(response, cap, redact) if response else None
+        return row
+
+
+def target_url(flow: http.HTTPFlow) -> str:
+    """Where the request went (the target, also when it went through a proxy)."""
+    dest = flow.metadata[problem.DESTINATION]
+    return origin_of(dest["scheme"], dest["host"], dest["port"]) + flow.request.path
+
+
+def annotate(flow: http.HTTPFlow, row: dict[str, Any]) -> None:
+    """What keyswap decided, at a glance in mitmweb."""
+    flow.comment = f"keyswap {row['proxy_id'] or '-'}: {row['proxy_code']}: {row['message']}"
+    if row["proxy_code"] == problem.DENIED:
+        flow.marked = ":no_entry:"
+    elif row["proxy_code"] == problem.PROXY_ERROR:
+        flow.marked = ":warning:"
+
+
+def _size(counted: int | None, message: http.Message | None) -> int | None:
+    if counted is not None:
+        return counted
+    if message is None or message.raw_content is None:
+        return None
+    return len(message.raw_content)
+
+
+def _preview(message: http.Message, cap: int, redact: Redaction) -> str | None:
+    if message.raw_content is None:
+        return None
+    # Mask before cutting, so a secret straddling the cut cannot leave half of itself.
+    longest = max((len(v) for v in redact.values), default=0)
+    text = message.raw_content[: 4 * (cap + longest)].decode("utf-8", "replace")
+    return redact.text(text)[:cap]

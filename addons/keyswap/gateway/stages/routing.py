@@ -1,0 +1,46 @@
+"""Routing: the request path's prefix picks the proxy, on whole path segments."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mitmproxy import http
+
+from keyswap.config.model import RESERVED_PREFIX
+from keyswap.gateway import problem
+from keyswap.state.store import new_request_id
+
+if TYPE_CHECKING:
+    from keyswap.gateway.settings import Settings
+
+
+class Router:
+    """Gives every flow its request id and finds the proxy its path belongs to."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        flow.metadata[problem.REQUEST_ID] = new_request_id()
+        raw = flow.request.data.path
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            flow.metadata[problem.PATH] = raw.decode("utf-8", "replace")
+            problem.deny(flow, 400, "bad-request", "the path is not UTF-8; percent-encode it")
+            return
+        flow.metadata[problem.PATH] = text
+        path = text.partition("?")[0]
+        if path == RESERVED_PREFIX or path.startswith(RESERVED_PREFIX + "/"):
+            flow.metadata[problem.RESERVED] = True
+            return
+        match = self.settings.runtime.routes.match(path)
+        if match is None:
+            problem.deny(flow, 404, "unknown-route", "no proxy is configured for this path")
+            return
+        proxy_id, route, rest = match
+        flow.metadata[problem.PROXY] = proxy_id
+        flow.metadata[problem.ROUTE] = route
+        flow.metadata[problem.REST] = rest

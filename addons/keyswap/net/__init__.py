@@ -1,0 +1,2 @@
+"""Wire-level helpers that know nothing of keyswap's config: raw header fields and how
+URLs, authorities and query parameters are written."""

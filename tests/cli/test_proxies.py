@@ -1,0 +1,212 @@
+"""The management commands on copies of the example configs (click's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from keyswap.cli.main import main
+from keyswap.config.templates import TEMPLATES
+from keyswap.config.tokens import digest
+from tests.support import ROOT
+
+TOKEN = re.compile(r"\(shown once, store it now\): (ks_[A-Za-z0-9_-]{43})")
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "keyswap.yaml"
+    shutil.copy(ROOT / "config" / "keyswap.yaml", path)
+    shutil.copy(ROOT / "config" / "keyswap.schema.json", tmp_path)
+    return path
+
+
+def run(
+    config: Path, *args: str, env: dict[str, str] | None = None, input: str | None = None
+) -> Result:
+    return CliRunner().invoke(main, [*args, "--config", str(config)], env=env, input=input)
+
+
+def audit_actions(config: Path) -> list[tuple[str, str, str]]:
+    conn = sqlite3.connect(config.parent / "keyswap.db")
+    try:
+        return list(conn.execute("select actor, action, resource from audit order by id"))
+    finally:
+        conn.close()
+
+
+def test_list_fits_100_columns_and_filters(config: Path) -> None:
+    result = run(config, "proxies", "list")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["NAME", "TARGET_URL", "METHODS", "STATUS", "CREATED", "TEMPLATE"]
+    assert all(len(line) <= 100 for line in lines)
+    assert "crm-prod: CRM production" in result.output
+    only = run(config, "proxies", "list", "--search", "stripe", "--json")
+    assert [r["id"] for r in json.loads(only.output)] == ["billing"]
+    assert [
+        r["id"] for r in json.loads(run(config, "proxies", "list", "--env", "dev", "--json").output)
+    ] == [
+        "agent-llm",
+        "billing",
+    ]
+    run(config, "proxies", "disable", "billing")
+    disabled = json.loads(run(config, "proxies", "list", "--status", "disabled", "--json").output)
+    assert [r["id"] for r in disabled] == ["billing"]
+
+
+def test_show_has_the_urls_and_token_ids_but_no_digests(config: Path) -> None:
+    result = run(config, "proxies", "show", "crm-prod")
+    assert "url:         https://eu.gw.example.com/api/crm-prod" in result.output
+    assert "token:       web (created 2026-11-21T10:00:00+00:00)" in result.output
+    assert "via:         upstream proxy corporate (http://127.0.0.1:3128)" in result.output
+    assert "3bed53eb" not in result.output
+
+
+def test_create_prints_the_token_once_and_stores_its_digest(config: Path) -> None:
+    result = run(
+        config,
+        "proxies",
+        "create",
+        "ops",
+        "--target",
+        "stripe",
+        "--name",
+        "Ops",
+        "--route",
+        "/api/ops",
+        "--method",
+        "get",
+        "--origin",
+        "https://ops.example.com",
+        "--actor",
+        "ada",
+    )
+    assert result.exit_code == 0, result.output
+    token = TOKEN.search(result.output).group(1)  # type: ignore[union-attr]
+    text = config.read_text()
+    assert token not in text and digest(token) in text
+    assert "# configuration parameters, per environment" in text  # comments kept
+    shown = json.loads(run(config, "proxies", "list", "--search", "ops", "--json").output)[0]
+    assert shown["methods"] == ["GET"] and shown["name"] == "Ops"
+    assert audit_actions(config) == [("ada", "create", "proxies.ops")]
+
+
+def test_create_from_a_template(config: Path) -> None:
+    env = {"STRIPE_SECRET_KEY": "sk_x"}
+    result = run(config, "proxies", "create", "pay", "--template", "stripe", env=env)
+    assert result.exit_code == 0, result.output
+    assert "credential 'pay' reads STRIPE_SECRET_KEY" in result.output
+    check = run(config, "check", env=env)
+    assert "pay: /api/pay -> pay (https://api.stripe.com)" in check.output
+    assert "${env:STRIPE_SECRET_KEY}" in config.read_text()
+
+
+def test_invalid_edits_write_nothing(config: Path) -> None:
+    before = config.read_bytes()
+    for args in (
+        ["proxies", "edit", "billing", "--route", "/api/crm-prod"],  # claimed by crm-prod
+        ["proxies", "edit", "billing", "--target", "nowhere"],
+        ["proxies", "edit", "billing", "--route", "/_keyswap/x"],
+        ["proxies", "create", "pay", "--template", "stripe"],  # its env var is not set
+    ):
+        result = run(config, *args)
+        assert result.exit_code == 1, result.output
+        assert "nothing was written" in result.output
+        assert str(config) in result.output and ".tmp" not in result.output
+    assert config.read_bytes() == before
+    assert not list(config.parent.glob(".keyswap.yaml.*"))
+
+
+def test_edit_enable_disable_rotate_delete_with_audit(config: Path) -> None:
+    assert (
+        run(config, "proxies", "edit", "billing", "--description", "Stripe, for jobs").exit_code
+        == 0
+    )
+    assert run(config, "proxies", "disable", "billing").exit_code == 0
+    assert "active: false" in config.read_text()
+    assert run(config, "proxies", "enable", "billing").exit_code == 0
+    rotated = run(config, "proxies", "rotate-token", "billing", "--token-id", "jobs")
+    token = TOKEN.search(rotated.output).group(1)  # type: ignore[union-attr]
+    assert digest(token) in config.read_text()
+    assert (
+        "4a31d9920b8592f6802eece93463ee795519da9e50ef0e1db03f11ad7470bec3" not in config.read_text()
+    )
+    assert (
+        run(config, "proxies", "delete", "billing", input="n\n").exit_code == 1
+    )  # asked, declined
+    assert run(config, "proxies", "delete", "billing", "--yes").exit_code == 0
+    text = config.read_text()
+    assert "billing:" not in text and "stripe-key:" in text and "  stripe:" in text  # target stays
+    assert [a for _, a, _ in audit_actions(config)] == [
+        "edit",
+        "disable",
+        "enable",
+        "rotate-token",
+        "delete",
+    ]
+    assert "rotate-token" in run(config, "audit", "--resource", "proxies.billing").output
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_every_template_passes_check(tmp_path: Path, name: str) -> None:
+    config = tmp_path / "keyswap.yaml"
+    config.write_text("version: 1\n")
+    env = {var: "set" for var in TEMPLATES[name].env_vars}
+    created = run(config, "proxies", "create", name, "--template", name, env=env)
+    assert created.exit_code == 0, created.output
+    check = run(config, "check", env=env)
+    assert (
+        check.exit_code == 0
+        and f"{name}: /api/{name} -> {name} ({TEMPLATES[name].base_url})" in check.output
+    )
+
+
+def test_templates_list_names_at_least_the_nine() -> None:
+    result = CliRunner().invoke(main, ["templates", "list", "--json"])
+    names = {t["name"] for t in json.loads(result.output)}
+    assert {
+        "openai",
+        "anthropic",
+        "stripe",
+        "github",
+        "hubspot",
+        "slack",
+        "twilio",
+        "sendgrid",
+        "google",
+    } <= names
+    assert all(t["docs"].startswith("https://") for t in json.loads(result.output))
+
+
+@pytest.mark.parametrize("lang", ["curl", "python", "javascript", "go"])
+def test_code_reads_the_token_from_the_environment(config: Path, lang: str) -> None:
+    result = run(config, "code", "billing", "--lang", lang, "--url", "http://127.0.0.1:8080")
+    assert result.exit_code == 0
+    assert "http://127.0.0.1:8080/api/billing/" in result.output
+    assert "KEYSWAP_TOKEN" in result.output and "ks_" not in result.output
+
+
+def test_export_writes_a_self_contained_folder(config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exported"
+    result = run(config, "export", "crm-prod", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {
+        "keyswap.yaml",
+        "run.sh",
+        "keyswap.service",
+        "README.md",
+    }
+    text = (out / "keyswap.yaml").read_text()
+    assert "crm-prod:" in text and "billing:" not in text and "corporate:" in text
+    for var in ("HS_SECRET", "HS_REFRESH", "CORP_PROXY_PASSWORD"):
+        assert var in (out / "README.md").read_text()
+    env = {"KEYSWAP_ENV": "prod"}
+    check = CliRunner().invoke(main, ["check", "--config", str(out / "keyswap.yaml")], env=env)
+    assert check.exit_code == 0, check.output

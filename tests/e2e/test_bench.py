@@ -1,0 +1,71 @@
+"""scripts/bench --quick produces a complete results.json: a smoke test, not a timing test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not (shutil.which("wrk") and shutil.which("nginx")), reason="wrk and nginx"),
+]
+
+
+def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            str(ROOT / "scripts" / "bench"),
+            "--quick",
+            "--duration",
+            "1",
+            "--stream-mib",
+            "8",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert {
+        "machine",
+        "versions",
+        "settings",
+        "upstream_rps",
+        "runs",
+        "ratios",
+        "log",
+        "streaming",
+        "goals",
+    } <= set(report)
+    assert report["versions"]["mitmproxy"].startswith("12.")
+    for name in ("A", "B", "C"):
+        run = report["runs"][name]
+        assert all(run["rps"][str(c)] > 0 for c in report["settings"]["connections"])
+        assert run["p50_ms"] > 0 and run["p99_ms"] >= run["p50_ms"] and run["peak_rss_mib"] > 0
+    assert set(report["ratios"]) == {
+        "B/A_rps_c1",
+        "B/A_rps_c16",
+        "B/A_rps_paired_c16",
+        "B-A_p99_ms_c1",
+    }
+    assert len(report["paired"]["rounds"]) == 1 and report["paired"]["B/A_rps"] > 0
+    assert report["log"]["requests_sent"] == 500
+    assert set(report["streaming"]) == {
+        "download_rss_growth_mib",
+        "upload_rss_growth_mib",
+        "sse_first_event_s",
+        "stream_mib",
+    }
+    assert len(report["goals"]) == 4 and all(isinstance(v, bool) for v in report["goals"].values())
+    assert "B keyswap" in done.stdout and "goal" in done.stdout
