@@ -319,6 +319,19 @@ class Proxy(Model):
     tokens: list[Token] = Field(default_factory=list)
 
 
+class Limits(Model):
+    """What one client may send and hold (DESIGN's defaults): past them a request is
+    refused before routing, and never reaches a target."""
+
+    max_url_bytes: int = Field(8192, ge=256, description="longer request target: 414")
+    max_header_bytes: int = Field(65536, ge=1024, description="larger request head: 431")
+    max_headers: int = Field(100, ge=8, description="more header fields: 431")
+    header_timeout_s: float = Field(10, gt=0, description="the request head must arrive within")
+    idle_timeout_s: float = Field(60, gt=0, description="an idle client connection is closed")
+    max_connections: int = Field(10000, ge=1, description="open client connections at most")
+    max_async_body_bytes: int = Field(1048576, ge=0, description="larger async body: 413")
+
+
 ParamValue = str | int | float | bool
 
 
@@ -341,6 +354,7 @@ class Config(Model):
     credentials: dict[str, Credential] = Field(default_factory=dict)
     targets: dict[str, Target] = Field(default_factory=dict)
     proxies: dict[str, Proxy] = Field(default_factory=dict)
+    limits: Limits = Limits()
 
     def routes_of(self, proxy_id: str) -> list[str]:
         """A proxy's routes, with the default `/api/<id>` applied."""

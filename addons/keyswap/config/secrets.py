@@ -14,9 +14,13 @@ from pydantic import BaseModel, SecretStr
 from keyswap.config.model import Config, HeaderCredential, QueryCredential
 from keyswap.config.tokens import TOKEN_HEADERS
 from keyswap.net import fields
+from keyswap.net.text import shown
 from keyswap.net.urls import with_query_param
 
 MASK = "********"
+# A log row shows at most this many header fields, and this many bytes of their values.
+LOGGED_HEADERS = 100
+LOGGED_HEADER_BYTES = 65536
 ALWAYS_REDACTED = frozenset({*TOKEN_HEADERS, "proxy-authorization", "cookie", "set-cookie"})
 
 
@@ -45,12 +49,19 @@ class Redaction:
         self._values_bytes = [v.encode("utf-8", "surrogateescape") for v in self.values]
 
     def header_dict(self, headers: http.Headers) -> dict[str, str]:
-        """The headers redacted, repeated names joined with ", "."""
-        values = [v.decode("utf-8", "surrogateescape") for _, v in headers.fields]
+        """The headers redacted, repeated names joined with ", ", as text any store
+        accepts; past `LOGGED_HEADERS` fields or `LOGGED_HEADER_BYTES` bytes of values,
+        one `…` entry says how many more there were."""
         out: dict[str, str] = {}
-        for name, value in zip(fields.shape(headers).text, values, strict=True):
-            shown = self._shown(name, value)
-            out[name] = f"{out[name]}, {shown}" if name in out else shown
+        budget = LOGGED_HEADER_BYTES
+        raw = headers.fields
+        for i, (name, (_, value)) in enumerate(zip(fields.shape(headers).text, raw, strict=True)):
+            budget -= len(value)
+            if i == LOGGED_HEADERS or budget < 0:
+                out["…"] = f"{len(raw) - i} more headers not shown"
+                break
+            value_text = self._shown(name, shown(value))
+            out[name] = f"{out[name]}, {value_text}" if name in out else value_text
         return out
 
     def _shown(self, name: str, value: str) -> str:
@@ -68,6 +79,8 @@ class Redaction:
         shape = fields.shape(headers)
         if (
             shape.repeated
+            or len(raw) > LOGGED_HEADERS
+            or len(joined) > LOGGED_HEADER_BYTES
             or joined.translate(None, _PRINTABLE) != b"\x00" * (len(raw) - 1)
             or self.has_secret(joined)
         ):

@@ -10,6 +10,7 @@ from keyswap.gateway.settings import Settings
 from keyswap.gateway.stages.auth import Authenticate
 from keyswap.gateway.stages.cors import Cors
 from keyswap.gateway.stages.failures import Failures
+from keyswap.gateway.stages.firewall import Firewall
 from keyswap.gateway.stages.headers import HeaderFilter
 from keyswap.gateway.stages.health import Health
 from keyswap.gateway.stages.oauth2 import OAuth2
@@ -34,6 +35,7 @@ def build() -> list[Any]:
 
     stages = [
         settings,
+        Firewall(settings),  # first: nothing reads a request before it is checked
         Router(settings),
         Health(settings, {"activity_log": recorder.report, "oauth2": oauth2.report}),
         cors,

@@ -23,7 +23,9 @@ HOP_BY_HOP = frozenset(
     {"keep-alive", "proxy-connection", "te", "proxy-authenticate", "proxy-authorization"}
 )
 CONNECTION_TOKENS = frozenset({"close", "keep-alive"})
-NEVER_NAMED = frozenset({"transfer-encoding", "content-length", "connection", "upgrade"})
+# Connection may not remove what frames the message or says where it goes: naming
+# `host` would leave the target without one.
+NEVER_NAMED = frozenset({"transfer-encoding", "content-length", "connection", "upgrade", "host"})
 INFRASTRUCTURE = frozenset(
     {
         "x-request-id",

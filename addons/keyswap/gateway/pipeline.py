@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 # an OptionsError in `configure` must roll the option change back.
 LIFECYCLE = ("load", "configure", "running", "done")
 EVENTS = (
+    "client_connected",
+    "client_disconnected",
     "requestheaders",
     "request",
     "responseheaders",

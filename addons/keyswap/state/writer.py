@@ -106,20 +106,33 @@ class Writer:
         tables: dict[str, list[dict[str, Any]]] = {}
         for table, row, _ in batch:
             tables.setdefault(table, []).append(row)
-        error: Exception | None = None
+        errors: dict[int, Exception] = {}
         try:
             with db.atomic():
                 for table, rows in tables.items():
                     insert(db, table, rows)
-        except Exception as e:
-            error = e
-            self.failed += len(batch)
-            logger.exception("keyswap: could not write %d rows to the state database", len(batch))
-        else:
-            self.written += len(batch)
-        for _, _, done in batch:
+        except Exception:
+            # One bad row must not cost the others theirs: write them one by one.
+            logger.exception(
+                "keyswap: a batch of %d rows failed; writing them one by one", len(batch)
+            )
+            for i, (table, row, _) in enumerate(batch):
+                try:
+                    with db.atomic():
+                        insert(db, table, [row])
+                except Exception as e:
+                    errors[i] = e
+                    logger.error(
+                        "keyswap: could not write a %s row (id %s): %s",
+                        table,
+                        row.get("id"),
+                        type(e).__name__,
+                    )
+        self.failed += len(errors)
+        self.written += len(batch) - len(errors)
+        for i, (_, _, done) in enumerate(batch):
             if done is not None:
-                done.get_loop().call_soon_threadsafe(_resolve, done, error)
+                done.get_loop().call_soon_threadsafe(_resolve, done, errors.get(i))
 
     def _prune(self, db: Any) -> None:
         if not self.retention_days or time.monotonic() < self._next_prune:

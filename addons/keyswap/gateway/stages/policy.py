@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
 
 
+# Refused unless a proxy lists them in `methods`: TRACE echoes the request (and its
+# credentials) back, TRACK is its IIS twin.
+UNSAFE_METHODS = frozenset({"TRACE", "TRACK"})
+DEFAULT_ALLOW = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 @lru_cache(maxsize=1024)
 def glob_regex(pattern: str) -> re.Pattern[str]:
     """`*` matches inside one segment, `**` across segments; `/x/**` also matches `/x`."""
@@ -35,7 +41,17 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    return re.compile("".join(out))
+    return re.compile("".join(out), re.IGNORECASE)
+
+
+def rule_path(relative: str) -> str:
+    """The path rules are matched against: decoded and dot-free (as `relative` is), and
+    then as lenient backends read it, so a rule cannot be dodged by spelling: each
+    segment without its `;` parameters and trailing dots and spaces (matching ignores
+    case too). `/ADMIN;jsessionid=1/` and `/admin./` are `/admin/`."""
+    if ";" not in relative and "." not in relative and " " not in relative:
+        return relative
+    return "/".join(segment.partition(";")[0].rstrip(". ") for segment in relative.split("/"))
 
 
 def rule_verdict(rules: list[Rule], method: str, path: str) -> Rule | None:
@@ -76,8 +92,9 @@ class Policy:
             )
             return
         method = flow.request.method.upper()
-        if proxy.methods is not None and method not in proxy.methods:
-            allow = ", ".join(proxy.methods)
+        allowed = proxy.methods
+        if method not in allowed if allowed is not None else method in UNSAFE_METHODS:
+            allow = ", ".join(allowed if allowed is not None else DEFAULT_ALLOW)
             problem.deny(flow, 405, "method", f"method {method} is not allowed", {"allow": allow})
             return
         query = flow.metadata[problem.PATH].partition("?")[2]
@@ -87,7 +104,7 @@ class Policy:
         except Refused as e:
             problem.deny(flow, 403, "host", str(e))
             return
-        rule = rule_verdict(proxy.rules, method, dest.relative)
+        rule = rule_verdict(proxy.rules, method, rule_path(dest.relative))
         if rule is not None and rule.action == "deny":
             problem.deny(flow, 403, "rule", "a rule of this proxy denies the request")
             return

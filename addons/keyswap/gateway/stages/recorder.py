@@ -18,6 +18,7 @@ from keyswap.config.secrets import Redaction
 from keyswap.gateway import problem
 from keyswap.gateway.stages.auth import TOKEN_ID
 from keyswap.gateway.stages.upstream import UPSTREAM
+from keyswap.net.text import shown
 from keyswap.net.urls import origin_of
 from keyswap.state.store import audit_row, iso, new_request_id
 from keyswap.state.writer import Writer
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RECORDED = "keyswap.recorded"
+_JSON_FIELDS = frozenset({"request_headers", "response_headers"})
 
 
 class Recorder:
@@ -170,7 +172,12 @@ class Recorder:
         if cap > 0:
             row["request_body"] = _preview(request, cap, redact)
             row["response_body"] = _preview(response, cap, redact) if response else None
-        return row
+        # Every text value through the one place where client bytes become text: a byte
+        # that is not UTF-8 cannot fail the writer's batch, and no field is unbounded.
+        # (The header documents are JSON, ASCII and bounded by construction.)
+        return {
+            k: shown(v) if type(v) is str and k not in _JSON_FIELDS else v for k, v in row.items()
+        }
 
 
 def target_url(flow: http.HTTPFlow) -> str:

@@ -8,14 +8,13 @@ from mitmproxy import http
 
 from keyswap.config.model import RESERVED_PREFIX
 from keyswap.gateway import problem
-from keyswap.state.store import new_request_id
 
 if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
 
 
 class Router:
-    """Gives every flow its request id and finds the proxy its path belongs to."""
+    """Finds the proxy a request's path belongs to."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -23,7 +22,6 @@ class Router:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        flow.metadata[problem.REQUEST_ID] = new_request_id()
         raw = flow.request.data.path
         try:
             text = raw.decode("utf-8")

@@ -1,0 +1,225 @@
+"""Hostile requests, sent as raw bytes (HTTP clients refuse to send most of them) to a
+real gateway in front of a target that records every byte it receives. For each case:
+what the client got, and what the target received (nothing, for a refused request)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from keyswap.config.tokens import digest, new_token
+from tests.support.processes import Gateway, start_gateway
+from tests.support.raw_target import RawTarget, raw_target
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "sk-hostile-target-5b1e2c"
+
+
+@dataclass
+class Stage:
+    gateway: Gateway
+    target: RawTarget
+    token: str
+    tracer: str
+    db: Path
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    token, tracer = new_token(), new_token()
+    with raw_target() as target:
+        config = tmp / "keyswap.yaml"
+        config.write_text(
+            f"""\
+version: 1
+credentials:
+  key: {{ type: bearer, token: "${{env:HOSTILE_SECRET}}" }}
+targets:
+  raw: {{ base_url: "http://127.0.0.1:{target.port}", credential: key }}
+proxies:
+  p:
+    target: raw
+    rules: [{{ deny: {{ path: /admin/** }} }}]
+    tokens: [{{ id: t, sha256: {digest(token)} }}]
+  tracing:
+    target: raw
+    methods: [GET, TRACE]
+    tokens: [{{ id: t, sha256: {digest(tracer)} }}]
+"""
+        )
+        db = tmp / "keyswap.db"
+        gateway = start_gateway(config, tmp, env={"HOSTILE_SECRET": SECRET}, db=db)
+        try:
+            yield Stage(gateway, target, token, tracer, db)
+        finally:
+            gateway.stop()
+        assert "Traceback" not in gateway.output(), gateway.output()
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def send(stage: Stage, data: bytes, timeout: float = 10) -> Answer:
+    """Send raw bytes on a fresh connection; the answer to the first request."""
+    with socket.create_connection(("127.0.0.1", stage.gateway.port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return Answer(int(lines[0].split()[1]), headers, body)
+
+
+def request(stage: Stage, line: bytes, *headers: bytes, token: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token or stage.token}".encode()
+    return b"\r\n".join([line, b"Host: gw", auth, *headers, b"Connection: close", b"", b""])
+
+
+def refused(stage: Stage, data: bytes, status: int) -> Answer:
+    stage.target.clear()
+    answer = send(stage, data)
+    assert answer.status == status, answer
+    assert stage.target.everything == b"", "a refused request reached the target"
+    if answer.headers.get("content-type") == "application/problem+json":
+        assert answer.headers["keyswap-proxy-code"] == "proxy-access-denied"
+        assert json.loads(answer.body)["status"] == status
+    return answer
+
+
+def forwarded(stage: Stage, data: bytes) -> bytes:
+    stage.target.clear()
+    answer = send(stage, data)
+    assert answer.status == 200, answer
+    assert answer.headers["keyswap-proxy-code"] == "proxy-access-granted"
+    deadline = time.monotonic() + 5
+    while not stage.target.everything and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return stage.target.everything
+
+
+MALFORMED = {
+    "bare-cr-smuggles-te": (
+        b"POST /api/p/x HTTP/1.1",
+        b"X-A: a\rTransfer-Encoding: chunked",
+        b"Content-Length: 0",
+    ),
+    "bare-cr-injects-xff": (b"GET /api/p/x HTTP/1.1", b"X-A: a\rX-Forwarded-For: 6.6.6.6"),
+    "obs-fold": (b"GET /api/p/x HTTP/1.1", b"X-A: a", b" folded: b"),
+    "nul-in-value": (b"GET /api/p/x HTTP/1.1", b"X-A: a\x00b"),
+    "nul-in-path": (b"GET /api/p/a\x00b HTTP/1.1",),
+    "tab-in-path": (b"GET /api/p/a\tb HTTP/1.1",),
+    "del-in-path": (b"GET /api/p/a\x7fb HTTP/1.1",),
+    "long-method": (b"G" * 1024 + b" /api/p/x HTTP/1.1",),
+    "non-token-method": (b"G\xffT /api/p/x HTTP/1.1",),
+    "esc-in-value": (b"GET /api/p/x HTTP/1.1", b"X-A: \x1b[31mred"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_requests_are_refused_before_the_target(stage: Stage, name: str) -> None:
+    refused(stage, request(stage, *MALFORMED[name]), 400)
+
+
+@pytest.mark.parametrize("method", [b"TRACE", b"TRACK", b"trace"])
+def test_trace_is_refused_unless_the_proxy_lists_it(stage: Stage, method: bytes) -> None:
+    answer = refused(stage, request(stage, method + b" /api/p/x HTTP/1.1"), 405)
+    assert "TRACE" not in answer.headers["allow"]
+    if method == b"TRACE":
+        line = b"TRACE /api/tracing/x HTTP/1.1"
+        assert forwarded(stage, request(stage, line, token=stage.tracer)).startswith(b"TRACE /x ")
+
+
+def test_limits_answer_414_and_431(stage: Stage) -> None:
+    refused(stage, request(stage, b"GET /api/p/" + b"a" * 9000 + b" HTTP/1.1"), 414)
+    refused(stage, request(stage, b"GET /api/p/x HTTP/1.1", b"X-Big: " + b"a" * 70_000), 431)
+    many = [b"X-%d: v" % i for i in range(150)]
+    refused(stage, request(stage, b"GET /api/p/x HTTP/1.1", *many), 431)
+    # just under every limit still passes
+    forwarded(stage, request(stage, b"GET /api/p/" + b"a" * 8000 + b" HTTP/1.1"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [b"/ADMIN/x", b"/Admin/x", b"/admin;jsessionid=1/x", b"/admin%3b/x", b"/admin%3B/x",
+     b"/admin%20/x", b"/admin./x", b"/admin%2e/x", b"/admin%252e/x", b"/admin", b"/admin.."],
+)  # fmt: skip
+def test_deny_rules_cannot_be_dodged_by_spelling(stage: Stage, path: bytes) -> None:
+    answer = refused(stage, request(stage, b"GET /api/p" + path + b" HTTP/1.1"), 403)
+    assert json.loads(answer.body)["type"] == "urn:keyswap:problem:rule"
+
+
+def test_connection_cannot_remove_the_host_header(stage: Stage) -> None:
+    received = forwarded(stage, request(stage, b"GET /api/p/x HTTP/1.1", b"Connection: host"))
+    head = received.split(b"\r\n\r\n")[0].lower()
+    assert f"\r\nhost: 127.0.0.1:{stage.target.port}".encode() in head
+
+
+def test_what_the_target_gets_is_the_credential_not_the_token(stage: Stage) -> None:
+    received = forwarded(stage, request(stage, b"GET /api/p/x?a=1 HTTP/1.1", b"X-Ok: yes"))
+    assert received.startswith(b"GET /x?a=1 HTTP/1.1\r\n")
+    assert f"Bearer {SECRET}".encode() in received
+    assert stage.token.encode() not in received
+
+
+def log_rows(stage: Stage) -> list[dict[str, object]]:
+    with closing(sqlite3.connect(stage.db)) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("select * from requests")]
+
+
+def test_no_request_can_erase_other_log_rows(stage: Stage) -> None:
+    """Bytes that are not UTF-8 in a logged field once failed the writer's whole batch."""
+    poison = [
+        request(stage, b"GET /api/p/x HTTP/1.1", b"User-Agent: \xff\xfe"),
+        request(stage, b"GET /api/p/x HTTP/1.1", b"Origin: http://\xff.example"),
+        request(stage, b"GET /api/p/x HTTP/1.1", b"X-Name-\xff: v"),
+        request(stage, b"GET /unknown/\xc3\x28 HTTP/1.1", b"User-Agent: \xc3\x28"),
+    ]
+    time.sleep(1)  # rows of earlier tests are flushed (the writer lingers 0.25 s)
+    before = len(log_rows(stage))
+    ids = []
+    for i in range(40):
+        answer = send(
+            stage, poison[(i // 2) % 4] if i % 2 else request(stage, b"GET /api/p/ok HTTP/1.1")
+        )
+        if "keyswap-request-id" in answer.headers:
+            ids.append(answer.headers["keyswap-request-id"])
+        else:  # mitmproxy's own refusal of a header name that is not a token
+            assert answer.status == 400
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rows = {r["id"]: r for r in log_rows(stage)}
+        if len(rows) >= before + 40 and set(ids) <= set(rows):
+            break
+        time.sleep(0.1)
+    assert set(ids) <= set(rows), f"{len(set(ids) - set(rows))} of {len(ids)} rows lost"
+    assert len(rows) == before + 40, "a request left no row"
+    agents = {r["user_agent"] for r in rows.values()}
+    assert "\\xff\\xfe" in agents  # shown, not lost
+    health = send(stage, b"GET /_keyswap/health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    assert json.loads(health.body)["activity_log"]["write_failures"] == 0
