@@ -263,3 +263,25 @@ def test_no_token_or_secret_leaves(setup: Setup) -> None:
         assert not issued.search(data), f"an issued token in the {where}"
         for secret in (SECRET, REFRESH, *stats["refresh_tokens_seen"]):  # type: ignore[misc]
             assert secret.encode() not in data, f"{secret} in the {where}"
+
+
+def test_poisoned_requests_during_a_refresh_cannot_lose_the_rotated_token(setup: Setup) -> None:
+    """Token state is committed on its own, not in the activity log's batches, which a
+    request with bytes that are not UTF-8 once failed whole."""
+    setup.get()
+    setup.admin("expire")
+    poison = {"x-proxy-token": setup.token.encode(), "user-agent": b"bad-\xff\xfe"}
+
+    def poisoned(_: int) -> int:
+        return httpx.get(f"{setup.gateway.url}/api/crm/echo", headers=poison).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        refreshed = pool.submit(setup.get, "/echo/refresh")
+        statuses = list(pool.map(poisoned, range(40)))
+        assert refreshed.result().status_code == 200
+    assert set(statuses) <= {200, 401}
+    setup.restart()
+    setup.admin("expire")  # the cached access token is refused: refresh with the stored one
+    r = setup.get("/echo/after-restart")
+    assert r.status_code == 200, r.text
+    assert setup.admin("stats")["spent_reused"] == []

@@ -84,3 +84,15 @@ def test_sqlite_never_runs_on_the_event_loop_thread(
     assert len(rows(tmp_path / "k.db")) == 10_000
     assert threads and set(threads) == {"keyswap-writer"}, set(threads)
     assert loop_thread != "keyswap-writer"
+
+
+def test_a_row_that_cannot_be_written_costs_only_itself(tmp_path: Path) -> None:
+    writer = Writer(tmp_path / "k.db")
+    for i in range(10):
+        writer.add("requests", row(i))
+    writer.add("requests", {**row(10), "user_agent": "bad-\udcff"})  # SQLite refuses it
+    for i in range(11, 20):
+        writer.add("requests", row(i))
+    writer.close()
+    assert len(rows(tmp_path / "k.db")) == 19
+    assert writer.report()["write_failures"] == 1 and writer.report()["rows_written"] == 19

@@ -1,6 +1,10 @@
 """The OAuth2 token cache: each oauth2 credential's tokens as one `oauth2_tokens` row,
 encrypted with a key derived from the credential's client secret (which lives only in
-the environment), so the database never holds a usable token."""
+the environment), so the database never holds a usable token.
+
+Token state is committed on its own thread and connection, one row per commit: never
+behind the activity log's queue, whose batches a client's request must not be able to
+delay or fail. A rotated refresh token is on disk before the new access token is used."""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ import base64
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
+from sqlite_utils import Database
 
 from keyswap.config.model import Config, OAuth2Credential
 from keyswap.state.store import iso, open_db
@@ -105,3 +111,40 @@ def token_row(name: str, credential: OAuth2Credential, state: TokenState) -> dic
         "error": state.error,
         "terminal": int(state.terminal),
     }
+
+
+class TokenStore:
+    """Commits token state to the state database, off the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="keyswap-oauth2")
+        self._db: Database | None = None  # used on the executor's thread only
+
+    def load(self, config: Config) -> dict[str, TokenState]:
+        return load_states(self.path, config)
+
+    async def save(self, name: str, credential: OAuth2Credential, state: TokenState) -> None:
+        """Commit `state`; returns once it is on disk (raises when it could not be)."""
+        row = token_row(name, credential, state)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._write, row)
+
+    def _write(self, row: dict[str, Any]) -> None:
+        if self._db is None:
+            self._db = open_db(self.path)
+        columns = ", ".join(f'"{c}"' for c in row)
+        marks = ", ".join("?" * len(row))
+        with self._db.conn:  # one statement, one transaction: it waits on the busy timeout
+            self._db.conn.execute(
+                f"insert or replace into {TABLE} ({columns}) values ({marks})",  # noqa: S608 (our names)
+                list(row.values()),
+            )
+
+    def close(self) -> None:
+        self._executor.submit(self._close).result(timeout=30)
+        self._executor.shutdown()
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 50_000
 # Tables keyed by name whose rows replace the previous one (state, not history).
-REPLACING = frozenset({"oauth2_tokens", "gateways"})
+REPLACING = frozenset({"gateways"})
 BATCH_SIZE = 1_000
 # After the first row of a batch, wait this long for more. Each transaction costs the
 # event loop about two dozen GIL hand-overs (futex calls) and rewrites the same index

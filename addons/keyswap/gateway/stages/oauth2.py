@@ -10,7 +10,6 @@ errors stop refreshing until the config changes, anything else waits `RETRY_AFTE
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -25,7 +24,7 @@ from mitmproxy import http
 from keyswap.config.model import BasicProxyAuth, Config, OAuth2Credential, Target
 from keyswap.gateway import problem
 from keyswap.net.urls import origin_of
-from keyswap.state.oauth2_tokens import TABLE, TokenState, load_states, token_row
+from keyswap.state.oauth2_tokens import TokenState, TokenStore
 from keyswap.state.store import iso, new_request_id, now_iso
 
 if TYPE_CHECKING:
@@ -129,16 +128,19 @@ class OAuth2:
         self.retry_pipeline = retry_pipeline  # addons whose responseheaders re-run on a retry
         self.states: dict[str, TokenState] = {}
         self._used: dict[str, str] = {}  # flow id -> the access token it was sent with
+        self.store: TokenStore | None = None
 
     # --- lifecycle ------------------------------------------------------------------
 
     def running(self) -> None:
         if self.settings.source is None:
             return
-        self._load()
+        self.store = TokenStore(self.settings.db_path())
+        self.states.update(self.store.load(self.settings.runtime.config))
 
-    def _load(self) -> None:
-        self.states.update(load_states(self.settings.db_path(), self.settings.runtime.config))
+    def done(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     def report(self) -> dict[str, Any]:
         return {name: state.public() for name, state in self.states.items()}
@@ -352,13 +354,14 @@ class OAuth2:
         return token, lifetime, rotated, answer.status_code
 
     async def _persist(self, name: str, credential: OAuth2Credential, state: TokenState) -> None:
-        writer = self.writer
-        if writer is None:
+        if self.store is None:
             return
-        row = token_row(name, credential, state)
-        done = asyncio.get_running_loop().create_future()
-        writer.add(TABLE, row, done=done)
-        await done
+        try:
+            await self.store.save(name, credential, state)
+        except Exception:
+            # The token is still used (the endpoint has already spent the old one), but
+            # a restart would present a spent refresh token: say so loudly.
+            logger.exception("keyswap: oauth2 credential '%s': token state NOT saved", name)
 
     def _log_refresh(
         self,
