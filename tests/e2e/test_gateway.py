@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -596,3 +598,31 @@ def test_secrets_never_leave(world: World) -> None:
         assert secret not in output, f"{name} secret in the gateway's output"
     for token in world.tokens.values():
         assert token.encode() not in dump and token not in output
+
+
+def test_flows_in_flight_at_shutdown_are_saved_masked(world: World) -> None:
+    """mitmproxy's Save addon writes the flows still in flight when it stops."""
+    stream = world.tmp / "in-flight.mitm"
+    gateway = start_gateway(
+        world.gateway.config, world.tmp, extra=["--set", f"save_stream_file={stream}"], env=ENV
+    )
+    pending = []
+    with ThreadPoolExecutor(4) as pool:
+        for proxy in ("bearer", "basic", "header", "query"):
+            route = "/api/crm-prod" if proxy == "bearer" else f"/api/{proxy}"
+            headers = {"authorization": f"Bearer {world.tokens[proxy]}"}
+            url = f"{gateway.url}{route}/slow?s=30&key=client"
+            pending.append(pool.submit(httpx.get, url, headers=headers, timeout=60))
+        deadline = time.monotonic() + 10
+        while gateway.output().count("keyswap") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # the four requests are at the target, waiting
+        gateway.stop()
+        for future in pending:
+            with contextlib.suppress(Exception):
+                future.result()
+    dump = stream.read_bytes()
+    assert dump.count(b"slow") >= 4, "the in-flight flows were not saved"
+    basic = base64.b64encode(f"svc:{SECRETS['basic']}".encode()).decode()
+    for name, secret in {**SECRETS, "basic-header": basic}.items():
+        assert secret.encode() not in dump, f"{name} secret in a flow saved in flight"

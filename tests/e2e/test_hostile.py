@@ -4,6 +4,7 @@ what the client got, and what the target received (nothing, for a refused reques
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import sqlite3
@@ -30,13 +31,19 @@ class Stage:
     target: RawTarget
     token: str
     tracer: str
+    header_token: str
+    query_token: str
     db: Path
+
+    @property
+    def tokens(self) -> list[str]:
+        return [self.token, self.tracer, self.header_token, self.query_token]
 
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     tmp = tmp_path_factory.mktemp("hostile")
-    token, tracer = new_token(), new_token()
+    token, tracer, header_token, query_token = (new_token() for _ in range(4))
     with raw_target() as target:
         config = tmp / "keyswap.yaml"
         config.write_text(
@@ -44,8 +51,12 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
 version: 1
 credentials:
   key: {{ type: bearer, token: "${{env:HOSTILE_SECRET}}" }}
+  apikey: {{ type: header, name: x-api-key, value: "${{env:HOSTILE_SECRET}}" }}
+  querykey: {{ type: query, name: key, value: "${{env:HOSTILE_SECRET}}" }}
 targets:
   raw: {{ base_url: "http://127.0.0.1:{target.port}", credential: key }}
+  rawheader: {{ base_url: "http://127.0.0.1:{target.port}", credential: apikey }}
+  rawquery: {{ base_url: "http://127.0.0.1:{target.port}", credential: querykey }}
 proxies:
   p:
     target: raw
@@ -55,15 +66,27 @@ proxies:
     target: raw
     methods: [GET, TRACE]
     tokens: [{{ id: t, sha256: {digest(tracer)} }}]
+  sdkheader:
+    target: rawheader
+    tokens: [{{ id: t, sha256: {digest(header_token)} }}]
+  sdkquery:
+    target: rawquery
+    tokens: [{{ id: t, sha256: {digest(query_token)} }}]
 """
         )
         db = tmp / "keyswap.db"
         gateway = start_gateway(config, tmp, env={"HOSTILE_SECRET": SECRET}, db=db)
+        stage = Stage(gateway, target, token, tracer, header_token, query_token, db)
         try:
-            yield Stage(gateway, target, token, tracer, db)
+            yield stage
         finally:
             gateway.stop()
-        assert "Traceback" not in gateway.output(), gateway.output()
+        output = gateway.output()
+        assert "Traceback" not in output, output
+        stored = b"".join(f.read_bytes() for f in tmp.glob("keyswap.db*"))
+        for secret in [*stage.tokens, SECRET]:
+            assert secret not in output, "a secret reached the gateway's output"
+            assert secret.encode() not in stored, "a secret reached the state database"
 
 
 @dataclass
@@ -223,3 +246,59 @@ def test_no_request_can_erase_other_log_rows(stage: Stage) -> None:
     assert "\\xff\\xfe" in agents  # shown, not lost
     health = send(stage, b"GET /_keyswap/health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
     assert json.loads(health.body)["activity_log"]["write_failures"] == 0
+
+
+def test_the_token_is_accepted_where_the_sdk_puts_its_key(stage: Stage) -> None:
+    """An unmodified SDK given the token as its API key: the credential's header, its
+    query parameter, or the password of Basic."""
+    received = forwarded(
+        stage,
+        request(stage, b"GET /api/sdkheader/x HTTP/1.1", token="-").replace(
+            b"Authorization: Bearer -\r\n", f"x-api-key: {stage.header_token}\r\n".encode()
+        ),
+    )
+    assert f"x-api-key: {SECRET}".encode() in received and b"ks_" not in received
+    line = f"GET /api/sdkquery/x?a=1&key={stage.query_token} HTTP/1.1".encode()
+    received = forwarded(
+        stage, request(stage, line, token="-").replace(b"Authorization: Bearer -\r\n", b"")
+    )
+    assert received.startswith(f"GET /x?a=1&key={SECRET} HTTP/1.1".encode())
+    assert b"ks_" not in received
+    basic = base64.b64encode(f"user:{stage.token}".encode())
+    received = forwarded(
+        stage,
+        request(stage, b"GET /api/p/x HTTP/1.1", token="-").replace(
+            b"Authorization: Bearer -", b"Authorization: Basic " + basic
+        ),
+    )
+    assert f"Bearer {SECRET}".encode() in received and b"ks_" not in received
+
+
+def test_a_token_is_never_forwarded_wherever_it_stands(stage: Stage) -> None:
+    other = new_token()  # a token of no proxy, shaped like one
+    received = forwarded(
+        stage,
+        request(
+            stage,
+            f"GET /api/p/x?token={stage.token}&a=1&t2={other} HTTP/1.1".encode(),
+            f"api-key: {stage.token}".encode(),
+            f"x-api-key: {stage.token}".encode(),
+            f"Cookie: session={other}".encode(),
+        ),
+    )
+    assert received.startswith(b"GET /x?a=1 HTTP/1.1\r\n")
+    assert b"ks_" not in received
+    refused(stage, request(stage, f"GET /api/p/{other}/x HTTP/1.1".encode()), 400)
+
+
+def test_a_refused_request_records_no_token(stage: Stage) -> None:
+    line = f"GET /api/p/x?token={stage.token} HTTP/1.1".encode()
+    answer = refused(
+        stage,
+        request(stage, line, f"api-key: {stage.token}".encode(), token="ks_wrong"),
+        401,
+    )
+    time.sleep(0.6)
+    row = next(r for r in log_rows(stage) if r["id"] == answer.headers["keyswap-request-id"])
+    assert stage.token not in json.dumps(row)
+    assert "********" in str(row["path"])

@@ -12,6 +12,7 @@ from mitmproxy import http
 from pydantic import BaseModel, SecretStr
 
 from keyswap.config.model import Config, HeaderCredential, QueryCredential
+from keyswap.config.tokens import SHAPE as TOKEN_SHAPE
 from keyswap.config.tokens import TOKEN_HEADERS
 from keyswap.net import fields
 from keyswap.net.text import shown
@@ -106,7 +107,8 @@ class Redaction:
         return None if value is None else self._shown(name.decode(), value)
 
     def has_secret(self, data: bytes) -> bool:
-        return any(v in data for v in self._values_bytes)
+        """Whether `data` holds a secret value or something shaped like a proxy token."""
+        return b"ks_" in data or any(v in data for v in self._values_bytes)
 
     def url(self, url: str) -> str:
         for name in self.params:
@@ -115,9 +117,12 @@ class Redaction:
         return self.text(url)
 
     def text(self, text: str) -> str:
+        """`text` with every secret value and every proxy-token-shaped value masked."""
         for value in self.values:
             if value in text:
                 text = text.replace(value, MASK)
+        if "ks_" in text:
+            text = TOKEN_SHAPE.sub(MASK, text)
         return text
 
 

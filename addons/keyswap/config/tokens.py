@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 
 PREFIX = "ks_"
+# Anything shaped like a proxy token, wherever it stands: never forwarded, never shown.
+SHAPE = re.compile(r"ks_[A-Za-z0-9_-]{43}")
+SHAPE_BYTES = re.compile(SHAPE.pattern.encode())
 # Where a client may present its proxy credential; never forwarded to the target.
 TOKEN_HEADERS = ("authorization", "x-proxy-token")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
 from mitmproxy import http
 from mitmproxy.http import Headers
 
+from keyswap.config.model import Credential, HeaderCredential, QueryCredential
 from keyswap.config.tokens import digest
 from keyswap.gateway import problem
 from keyswap.net import fields
@@ -19,9 +22,13 @@ CHALLENGE = {"www-authenticate": 'Bearer realm="keyswap"'}
 INVALID = {"www-authenticate": 'Bearer realm="keyswap", error="invalid_token"'}
 
 
-def presented_token(headers: Headers) -> str | None:
-    """The proxy token a request carries: `x-proxy-token: <t>`, `Authorization: Bearer <t>`
-    or `Authorization: <t>`."""
+def presented_token(
+    headers: Headers, query: str = "", credential: Credential | None = None
+) -> str | None:
+    """The proxy token a request carries: `x-proxy-token: <t>`, `Authorization: Bearer
+    <t>`, `Authorization: <t>`, the password of `Authorization: Basic`, or, so that an
+    unmodified SDK given the token as its API key works, wherever the proxy's target
+    credential goes (its header, its query parameter)."""
     token = fields.get(headers, b"x-proxy-token")
     if token:
         return token.strip()
@@ -29,7 +36,20 @@ def presented_token(headers: Headers) -> str | None:
     scheme, _, rest = auth.partition(" ")
     if rest and scheme.lower() == "bearer":
         return rest.strip()
-    return auth or None
+    if rest and scheme.lower() == "basic":
+        try:
+            return base64.b64decode(rest.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return auth
+    if auth:
+        return auth
+    if isinstance(credential, HeaderCredential):
+        value = fields.get(headers, credential.name.lower().encode())
+        return value.strip() if value else None
+    if isinstance(credential, QueryCredential) and query:
+        values = parse_qs(query, keep_blank_values=True).get(credential.name)
+        return values[0] if values else None
+    return None
 
 
 class Authenticate:
@@ -41,13 +61,18 @@ class Authenticate:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.PROXY not in flow.metadata:
             return
-        token = presented_token(flow.request.headers)
+        config = self.settings.runtime.config
+        proxy = config.proxies[flow.metadata[problem.PROXY]]
+        credential = config.credentials.get(config.targets[proxy.target].credential)
+        query = flow.metadata[problem.PATH].partition("?")[2]
+        token = presented_token(flow.request.headers, query, credential)
         if not token:
             problem.deny(
                 flow,
                 401,
                 "missing-token",
-                "this proxy needs a token: Authorization: Bearer <token> or x-proxy-token",
+                "this proxy needs a token: Authorization: Bearer <token>, x-proxy-token, or "
+                "where the API expects its key",
                 CHALLENGE,
             )
             return

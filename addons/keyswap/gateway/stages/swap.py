@@ -16,6 +16,7 @@ from keyswap.config.model import (
     QueryCredential,
 )
 from keyswap.config.secrets import MASK
+from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE
 from keyswap.config.tokens import TOKEN_HEADERS
 from keyswap.gateway import problem
 from keyswap.net import fields
@@ -33,6 +34,7 @@ class CredentialSwap:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.carrying: set[http.HTTPFlow] = set()  # flows with a credential, not yet masked
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
@@ -41,6 +43,7 @@ class CredentialSwap:
         target = config.targets[flow.metadata[problem.TARGET]]
         credential = config.credentials[target.credential]
         request = flow.request
+        self.carrying.add(flow)
         match credential:
             case BearerCredential(token=token):
                 secret = f"Bearer {token.get_secret_value()}".encode("utf-8", "surrogateescape")
@@ -61,10 +64,19 @@ class CredentialSwap:
                 pass  # the OAuth2 addon fetches and applies it
 
     def response(self, flow: http.HTTPFlow) -> None:
+        self.carrying.discard(flow)
         mask(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.carrying.discard(flow)
         mask(flow)
+
+    def done(self) -> None:
+        # Before mitmproxy's Save addon writes the flows still in flight at shutdown
+        # (script addons come before it): none of them may carry a credential.
+        for flow in list(self.carrying):
+            mask(flow)
+        self.carrying.clear()
 
 
 def _masked(shape: fields.Shape, header: str | None) -> tuple[bool, ...] | None:
@@ -91,3 +103,8 @@ def mask(flow: http.HTTPFlow) -> None:
     param = flow.metadata.get(problem.SECRET_QUERY)
     if param:
         flow.request.path = with_query_param(flow.request.path, param, MASK)
+    # A refused request still carries what the client sent: any proxy token, wherever.
+    if any(b"ks_" in v for _, v in headers.fields):
+        headers.fields = tuple((k, TOKEN_SHAPE.sub(MASK_BYTES, v)) for k, v in headers.fields)
+    if b"ks_" in flow.request.data.path:
+        flow.request.data.path = TOKEN_SHAPE.sub(MASK_BYTES, flow.request.data.path)
