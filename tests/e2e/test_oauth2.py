@@ -285,3 +285,21 @@ def test_poisoned_requests_during_a_refresh_cannot_lose_the_rotated_token(setup:
     r = setup.get("/echo/after-restart")
     assert r.status_code == 200, r.text
     assert setup.admin("stats")["spent_reused"] == []
+
+
+def test_an_access_token_in_a_logged_body_is_masked(setup: Setup) -> None:
+    """The target here echoes the access token it received; with body previews on, the
+    log must show it masked like any configured secret."""
+    setup.gateway.stop()
+    setup.gateway = start_gateway(
+        setup.config, setup.tmp, db=setup.db, env=ENV, extra=["--set", "keyswap_log_bodies=4096"]
+    )
+    r = setup.get()
+    access = r.json()["token"]
+    assert r.status_code == 200 and access
+    setup.gateway.stop()  # flushes the log
+    with sqlite3.connect(setup.db) as db:
+        bodies = [row[0] for row in db.execute("select response_body from requests")]
+    db.close()
+    assert any(b and "********" in b for b in bodies)
+    assert not any(b and access in b for b in bodies)

@@ -5,6 +5,7 @@ names, query parameter names, secret values, the proxy token headers) and how a 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from itertools import compress
 from urllib.parse import quote
 
@@ -31,9 +32,10 @@ _PRINTABLE = bytes(range(0x20, 0x7F))
 
 
 class Redaction:
-    """What the config says is secret: header names, query names and values."""
+    """What is secret: the config's header names, query names and values, and the
+    values issued at run time (`extra`: OAuth2 tokens)."""
 
-    def __init__(self, config: Config | None) -> None:
+    def __init__(self, config: Config | None, extra: Iterable[str] = ()) -> None:
         names = set(ALWAYS_REDACTED)
         params: set[str] = set()
         values: set[str] = set()
@@ -44,6 +46,7 @@ class Redaction:
                 elif isinstance(credential, QueryCredential):
                     params.add(credential.name)
             values = {v for v in secret_values(config) if len(v) >= 4}
+        values.update(v for v in extra if len(v) >= 4)
         self.headers = frozenset(names)
         self.params = frozenset(params)
         self.values = sorted(values, key=len, reverse=True)

@@ -32,6 +32,7 @@ def build() -> list[Any]:
     header_filter = HeaderFilter(settings)
     # A retried response passes the response-side filter again.
     oauth2 = OAuth2(settings, recorder, retry_pipeline=[header_filter])
+    recorder.secret_sources.append(lambda: oauth2.issued)
 
     stages = [
         settings,

@@ -129,6 +129,7 @@ class OAuth2:
         self.states: dict[str, TokenState] = {}
         self._used: dict[str, str] = {}  # flow id -> the access token it was sent with
         self.store: TokenStore | None = None
+        self.issued: frozenset[str] = frozenset()  # the tokens held now, for masking
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -137,6 +138,12 @@ class OAuth2:
             return
         self.store = TokenStore(self.settings.db_path())
         self.states.update(self.store.load(self.settings.runtime.config))
+        self._note_issued()
+
+    def _note_issued(self) -> None:
+        self.issued = frozenset(
+            t for s in self.states.values() for t in (s.access_token, s.refresh_token) if t
+        )
 
     def done(self) -> None:
         if self.store is not None:
@@ -333,6 +340,7 @@ class OAuth2:
         state.access_token, state.expires_at = token, time.time() + lifetime
         if rotated:
             state.refresh_token = rotated
+        self._note_issued()
         state.error, state.terminal, state.refreshed_at = None, False, now_iso()
         # Persisted before use: a restart must never reuse a spent refresh token.
         await self._persist(name, credential, state)

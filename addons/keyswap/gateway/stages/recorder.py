@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, http
@@ -39,7 +40,9 @@ class Recorder:
         self.settings = settings
         self.writer: Writer | None = None
         self._redaction = Redaction(None)
-        self._redaction_for: LoadedConfig | None = None
+        self._redaction_for: tuple[LoadedConfig | None, tuple[frozenset[str], ...]] = (None, ())
+        # Secrets issued at run time (OAuth2 tokens), masked like the config's.
+        self.secret_sources: list[Callable[[], frozenset[str]]] = []
         self.body_cap = 0
 
     def load(self, loader: Loader) -> None:
@@ -129,9 +132,12 @@ class Recorder:
 
     def redaction(self) -> Redaction:
         loaded = self.settings.runtime.loaded
-        if loaded is not self._redaction_for:
-            self._redaction = Redaction(loaded.config if loaded else None)
-            self._redaction_for = loaded
+        issued = tuple(source() for source in self.secret_sources)  # replaced, not mutated
+        cached_loaded, cached_issued = self._redaction_for
+        if loaded is not cached_loaded or issued != cached_issued:
+            extra = frozenset().union(*issued)
+            self._redaction = Redaction(loaded.config if loaded else None, extra)
+            self._redaction_for = (loaded, issued)
         return self._redaction
 
     def row(self, flow: http.HTTPFlow) -> dict[str, Any]:
