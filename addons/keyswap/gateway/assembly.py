@@ -9,6 +9,7 @@ from keyswap.gateway.pipeline import Pipeline
 from keyswap.gateway.settings import Settings
 from keyswap.gateway.stages.auth import Authenticate
 from keyswap.gateway.stages.cors import Cors
+from keyswap.gateway.stages.drain import Drain
 from keyswap.gateway.stages.failures import Failures
 from keyswap.gateway.stages.firewall import Firewall
 from keyswap.gateway.stages.headers import HeaderFilter
@@ -37,6 +38,7 @@ def build() -> list[Any]:
     stages = [
         settings,
         Firewall(settings),  # first: nothing reads a request before it is checked
+        Drain(),  # its `done` waits for requests in flight before the others close
         Router(settings),
         Health(settings, {"activity_log": recorder.report, "oauth2": oauth2.report}),
         cors,

@@ -65,10 +65,13 @@ class Pipeline:
         for hook in self.hooks["running"]:
             hook()
 
-    def done(self) -> None:
+    async def done(self) -> None:
+        # In stage order: the drain waits for requests in flight before anything closes.
         for hook in self.hooks["done"]:
             try:
-                hook()
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
             except Exception:
                 logger.exception("keyswap: shutting down %s failed", hook)
 

@@ -52,6 +52,7 @@ TITLES = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     502: "Bad Gateway",
+    503: "Service Unavailable",
     504: "Gateway Timeout",
 }
 
