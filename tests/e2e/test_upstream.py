@@ -4,6 +4,8 @@ of squid as an HTTPS proxy, and a dead port; direct targets in the same gateway.
 from __future__ import annotations
 
 import base64
+import http.client
+import json
 import os
 import re
 import subprocess
@@ -50,12 +52,15 @@ class Net:
     token: str
     tmp: Path
     config: str
+    gone: int
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.gateway.url + path, headers={"x-proxy-token": self.token}, timeout=30)
 
 
-def config(echo: int, tls_echo: int, squid: int, stunnel: int, ca: Path, token: str) -> str:
+def config(
+    echo: int, tls_echo: int, squid: int, stunnel: int, ca: Path, token: str, gone: int
+) -> str:
     dead, prod = free_port(), free_port()
     tok = f"[{{ id: t, sha256: {digest(token)} }}]"
     return f"""\
@@ -71,9 +76,9 @@ upstream_proxies:
     host: 127.0.0.1
     port: ${{corp.proxy.port}}
     auth: {{ type: basic, user: {PROXY_USER}, password: "${{env:CORP_PROXY_PASSWORD}}" }}
-  wrongpw:                # the same squid by another name: its own connections
+  wrongpw:                # the same squid at the same address, with a wrong password
     type: http
-    host: localhost
+    host: 127.0.0.1
     port: {squid}
     auth: {{ type: basic, user: {PROXY_USER}, password: not-the-password }}
   tls-corp:
@@ -95,13 +100,22 @@ targets:
   wrong-http: {{ base_url: "http://127.0.0.1:{echo}", credential: k, upstream_proxy: wrongpw }}
   wrong-https: {{ base_url: "https://localhost:{tls_echo}", credential: k, upstream_proxy: wrongpw }}
   dead-proxy: {{ base_url: "http://127.0.0.1:{echo}", credential: k, upstream_proxy: dead }}
+  gone-via:   {{ base_url: "http://127.0.0.1:{gone}", credential: k, upstream_proxy: corporate }}
   direct:     {{ base_url: "http://127.0.0.1:{echo}", credential: k }}
 proxies:
   http-via: {{ target: http-via, tokens: {tok} }}
 """
 
 
-PROXIES = ["https-via", "tls-proxy", "wrong-http", "wrong-https", "dead-proxy", "direct"]
+PROXIES = [
+    "https-via",
+    "tls-proxy",
+    "wrong-http",
+    "wrong-https",
+    "dead-proxy",
+    "gone-via",
+    "direct",
+]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +129,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     squid = start_squid(PROXY_USER, PROXY_PASSWORD)
     stunnel = start_stunnel(tmp, tmp / "server.pem", squid.port)
     token = new_token()
-    text = config(echo.port, tls_echo.port, squid.port, stunnel.port, tmp / "ca.pem", token)
+    gone = free_port()  # nothing listens: squid cannot connect to it
+    text = config(echo.port, tls_echo.port, squid.port, stunnel.port, tmp / "ca.pem", token, gone)
     text = text.replace("tokens: [", "tokens: [").rstrip("\n") + "\n"
     # every proxy shares the one token: each test names its route
     for name in PROXIES:
@@ -125,7 +140,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     env = {"CORP_PROXY_PASSWORD": PROXY_PASSWORD, "TARGET_SECRET": TARGET_SECRET}
     stream = tmp / "flows.mitm"
     gateway = start_gateway(path, tmp, extra=["--set", f"save_stream_file={stream}"], env=env)
-    yield Net(gateway, squid, stunnel, echo, tls_echo, token, tmp, text)
+    yield Net(gateway, squid, stunnel, echo, tls_echo, token, tmp, text, gone)
     for p in (gateway, stunnel, squid, echo, tls_echo):
         p.stop()
 
@@ -204,16 +219,90 @@ def proxy_error(r: httpx.Response, *phrases: str) -> None:
     assert PROXY_PASSWORD not in r.text and "not-the-password" not in r.text
 
 
+def no_address(text: str, *ports: int) -> None:
+    assert "127.0.0.1" not in text and "localhost" not in text, text
+    for port in ports:
+        assert str(port) not in text, text
+
+
 def test_wrong_password_http(net: Net) -> None:
-    proxy_error(call(net, "wrong-http"), "upstream proxy 'wrongpw'", "407")
+    r = call(net, "wrong-http")
+    proxy_error(r, "upstream proxy 'wrongpw'", "refused authentication (407)")
+    no_address(r.json()["detail"], net.squid.port, net.echo.port)
 
 
 def test_wrong_password_https(net: Net) -> None:
-    proxy_error(call(net, "wrong-https"), "upstream proxy 'wrongpw'", "407")
+    r = call(net, "wrong-https")
+    proxy_error(r, "upstream proxy 'wrongpw'", "refused the tunnel (CONNECT answered 407)")
+    no_address(r.json()["detail"], net.squid.port, net.tls_echo.port)
 
 
 def test_proxy_down_never_falls_back_to_direct(net: Net) -> None:
-    proxy_error(call(net, "dead-proxy", "/must-not-arrive"), "upstream proxy 'dead'")
+    r = call(net, "dead-proxy", "/must-not-arrive")
+    proxy_error(r, "upstream proxy 'dead'", "upstream proxy unreachable (connection refused)")
+    assert r.json()["type"] == "urn:keyswap:problem:upstream-proxy"
+    no_address(r.json()["detail"], net.echo.port)
+
+
+def test_two_proxies_at_one_address_with_different_credentials(net: Net) -> None:
+    # `corporate` and `wrongpw` are the same squid (127.0.0.1, same port) with other
+    # credentials: two connections, never one. Interleaved on one client connection,
+    # in both orders, for absolute form (http) and CONNECT tunnels (https).
+    conn = http.client.HTTPConnection("127.0.0.1", net.gateway.port, timeout=30)
+    local = set()
+
+    def get(proxy: str, path: str) -> tuple[int, bytes]:
+        token = net.token if proxy == "http-via" else net.token + proxy
+        conn.request("GET", f"/api/{proxy}{path}", headers={"x-proxy-token": token})
+        response = conn.getresponse()
+        body = response.read()
+        assert conn.sock is not None, "the gateway closed the client connection"
+        local.add(conn.sock.getsockname())
+        return response.status, body
+
+    try:
+        for i in range(2):
+            for right, wrong in (("https-via", "wrong-https"), ("http-via", "wrong-http")):
+                for proxy in (right, wrong) if i == 0 else (wrong, right):
+                    status, body = get(proxy, f"/shared-{proxy}-{i}")
+                    if proxy == right:
+                        assert status == 200, body
+                        assert json.loads(body)["headers"]["authorization"].endswith(TARGET_SECRET)
+                    else:
+                        assert status == 502, body
+                        problem = json.loads(body)
+                        assert problem["type"] == "urn:keyswap:problem:upstream-proxy"
+                        assert "upstream proxy 'wrongpw'" in problem["detail"]
+                        assert "407" in problem["detail"]
+    finally:
+        conn.close()
+    assert len(local) == 1, f"more than one client connection: {local}"
+    # squid saw each tunnel's CONNECT with the credentials of its own proxy
+    connects = squid_lines(net, rf"CONNECT localhost:{net.tls_echo.port}")
+    assert any(f" {PROXY_USER} " in line and "/200 " in line for line in connects)
+    assert any("/407 " in line for line in connects)
+
+
+def test_proxy_own_error_for_an_unreachable_http_target(net: Net) -> None:
+    # squid answers 503 itself (X-Squid-Error: ERR_CONNECT_FAIL): that is no answer
+    # from the target, so the client gets a gateway 502 naming the upstream proxy.
+    r = call(net, "gone-via", "/nobody-home")
+    proxy_error(
+        r,
+        "target 'gone-via' via upstream proxy 'corporate' failed:",
+        "upstream proxy answered 503 itself (ERR_CONNECT_FAIL",
+    )
+    assert r.json()["type"] == "urn:keyswap:problem:upstream-proxy"
+    assert r.headers["keyswap-proxy-message"] == r.json()["detail"]
+    assert "x-squid-error" not in r.headers
+    no_address(r.text + r.headers["keyswap-proxy-message"], net.gone, net.squid.port)
+
+
+def test_target_own_503_through_the_proxy_stays_the_target_s(net: Net) -> None:
+    r = call(net, "http-via", "/status/503")
+    assert r.status_code == 503
+    assert r.headers["keyswap-proxy-code"] == "proxy-access-granted"
+    assert r.json() == {"status": 503}
 
 
 def test_params_pick_the_proxy_per_environment(net: Net) -> None:

@@ -231,7 +231,6 @@ class _Load:
                     f"upstream_proxies (known: {_known(config.upstream_proxies)}); "
                     "keyswap never falls back to a direct connection",
                 )
-        self.check_shared_proxies(config)
         claimed: dict[str, str] = {}
         digests: dict[str, str] = {}
         for pid, proxy in config.proxies.items():
@@ -263,21 +262,6 @@ class _Load:
                         f"this token also belongs to proxy '{owner}'; a token identifies one proxy",
                     )
             self.check_region(config, pid, proxy)
-
-    def check_shared_proxies(self, config: Config) -> None:
-        """Tunnels are reused per proxy address, so one address means one identity."""
-        used = {t.upstream_proxy for t in config.targets.values() if t.upstream_proxy}
-        seen: dict[tuple[str, str, int], str] = {}
-        for name in sorted(used & set(config.upstream_proxies)):
-            proxy = config.upstream_proxies[name]
-            other = seen.setdefault((proxy.type, proxy.host, proxy.port), name)
-            if other != name and config.upstream_proxies[other].auth != proxy.auth:
-                self.error(
-                    ("upstream_proxies", name, "auth"),
-                    f"upstream proxy '{other}' is the same {proxy.type}://{proxy.host}:"
-                    f"{proxy.port} with other credentials; keyswap reuses connections per "
-                    "proxy address and could not keep the two apart: merge them",
-                )
 
     def check_region(self, config: Config, pid: str, proxy: Proxy) -> None:
         if config.region is None or not config.serves(pid):

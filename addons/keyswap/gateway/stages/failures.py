@@ -1,27 +1,42 @@
 """Target failures become problem responses: 502 when the target cannot be reached or
-breaks off, 504 when it is too slow. Adds the connect timeout mitmproxy lacks and the
+breaks off, 504 when it is too slow. Their message names the target and upstream proxy
+by their config names and the kind of failure; mitmproxy's text, which names addresses,
+goes to the activity log only. Adds the connect timeout mitmproxy lacks and the
 target's `timeout_s` for its response.
 
 mitmproxy answers a failed upstream with its own HTML page and no hook can replace it,
 so keyswap installs a subclass of mitmproxy's HttpStream whose protocol-error handler
-sends the gateway's response instead, while nothing has reached the client yet."""
+sends the gateway's response instead, while nothing has reached the client yet. The
+same subclass asks for server connections by key (see upstream.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers import http as http_layers
-from mitmproxy.proxy.layers.http._events import RequestProtocolError, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import (
+    ErrorCode,
+    RequestProtocolError,
+    ResponseProtocolError,
+)
 
 from keyswap.gateway import problem
-from keyswap.gateway.stages.upstream import UPSTREAM
+from keyswap.gateway.stages.upstream import (
+    PROXY_ANSWER,
+    UPSTREAM,
+    KeyedAddress,
+    connection_request,
+    forward_failed,
+)
 
 if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
@@ -36,26 +51,108 @@ Address = tuple[str, int]
 
 
 def failure_response(flow: http.HTTPFlow, error: str) -> http.Response | None:
-    """The gateway's answer to a failed forward, or None for flows it did not grant."""
-    target = flow.metadata.get(problem.TARGET)
-    if target is None or flow.metadata.get(problem.ANSWERED):
+    """The gateway's answer to a failed forward, or None for flows it did not grant.
+    `error` (mitmproxy's text, which names addresses) goes to the activity log's `error`
+    column only; the client is told the kind of failure (see `describe`)."""
+    meta = flow.metadata
+    if meta.get(problem.TARGET) is None:
         return None
-    flow.metadata[problem.ERROR] = error
-    upstream = flow.metadata.get(UPSTREAM)
-    via = f" via upstream proxy '{upstream}'" if upstream else ""
-    if flow.metadata.get(TIMED_OUT):
-        return problem.make(flow, 504, "timeout", f"target '{target}'{via} did not answer in time")
-    reason = "upstream-proxy" if upstream and _proxy_step(error) else "unreachable"
-    return problem.make(flow, 502, reason, f"target '{target}'{via} failed: {error}")
+    if phrase := meta.get(PROXY_ANSWER):
+        # The upstream proxy's own answer broke off: still the proxy's failure.
+        meta[problem.ERROR] = f"{meta.get(problem.ERROR)}; then: {error}"
+        return forward_failed(flow, 502, "upstream-proxy", f"failed: {phrase}")
+    if meta.get(problem.ANSWERED):
+        return None
+    meta[problem.ERROR] = error
+    if meta.get(TIMED_OUT):
+        return forward_failed(flow, 504, "timeout", "did not answer in time")
+    what, step = describe(error)
+    if meta.get(UPSTREAM) and step == CONNECT:
+        # Every connection the gateway makes for such a target goes to the proxy.
+        return forward_failed(
+            flow, 502, "upstream-proxy", f"failed: upstream proxy unreachable ({what})"
+        )
+    reason = "upstream-proxy" if meta.get(UPSTREAM) and step == PROXY else "unreachable"
+    return forward_failed(flow, 502, reason, f"failed: {what}")
 
 
-def _proxy_step(error: str) -> bool:
-    """Whether mitmproxy's error is about the upstream proxy rather than the target."""
-    return "CONNECT" in error or "Upstream proxy" in error or "Connect call failed" in error
+# The step that failed: opening the TCP connection (to the target, or to the upstream
+# proxy when there is one), the proxy's CONNECT, or talking to the target.
+CONNECT, PROXY, TARGET = "connect", "proxy", "target"
+
+# What went wrong, in words safe to show a client. mitmproxy's error text names the
+# addresses it tried ("Connect call failed ('10.0.0.7', 443)", "Upstream proxy
+# 10.0.0.9:3128 refused ..."), so none of it is passed on but the pieces matched here:
+# status codes and OpenSSL's fixed reasons. Each entry: pattern, phrase (may use the
+# pattern's one group), step. First match wins.
+_KINDS: tuple[tuple[re.Pattern[str], str, str], ...] = tuple(
+    (re.compile(pattern, re.IGNORECASE), phrase, step)
+    for pattern, phrase, step in (
+        (
+            r"refused HTTP CONNECT request: (\d{3})\b",
+            "upstream proxy refused the tunnel (CONNECT answered {})",
+            PROXY,
+        ),
+        (r"^Error connecting to ", "upstream proxy gave an invalid answer to CONNECT", PROXY),
+        (
+            r"Certificate verify failed: ([a-z0-9 .-]{1,80})",
+            "TLS: certificate not trusted ({})",
+            TARGET,
+        ),
+        (r"alert unknown ca|bad certificate", "TLS: the client certificate was refused", TARGET),
+        (r"does not speak TLS", "TLS: the server does not speak TLS", TARGET),
+        (r"agree on a TLS version", "TLS: no TLS version in common", TARGET),
+        (r"OpenSSL|\bTLS\b|\bSSL\b", "TLS handshake failed", TARGET),
+        (r"Connect call failed|Connection refused|Errno 111\b", "connection refused", CONNECT),
+        (
+            r"not known|name resolution|nodename nor servname|No address associated"
+            r"|getaddrinfo|Errno -[235]\b",
+            "host name not found (DNS)",
+            CONNECT,
+        ),
+        (
+            r"Network is unreachable|No route to host|Errno 10[13]\b|Errno 113\b",
+            "network unreachable",
+            CONNECT,
+        ),
+        (r"timed out|Errno 110\b", "connection timed out", CONNECT),
+        (
+            r"closed connection|Connection reset|Broken pipe|\bEOF\b|disconnected",
+            "connection closed before the response was complete",
+            TARGET,
+        ),
+        (r"Cannot parse HTTP response|unexpected server response", "invalid HTTP response", TARGET),
+    )
+)
+
+
+def describe(error: str) -> tuple[str, str]:
+    """The kind of a connection failure in words safe to show a client (no address, no
+    raw text), and the step that failed (CONNECT, PROXY or TARGET)."""
+    for pattern, phrase, step in _KINDS:
+        if m := pattern.search(error):
+            return phrase.format(*(g.strip() for g in m.groups())), step
+    return "connection failed", TARGET
 
 
 class GatewayStream(http_layers.HttpStream):
-    """mitmproxy's HttpStream, answering upstream failures with `failure_response`."""
+    """mitmproxy's HttpStream, asking for the server connection of the flow's key (see
+    upstream.py) and answering upstream failures with `failure_response`."""
+
+    def make_server_connection(self) -> Generator[Any, Any, bool]:
+        # mitmproxy's, but with a request that matches only connections of the same key:
+        # mitmproxy's own would reuse any open connection to the same address and proxy.
+        request = connection_request(self.flow)
+        if request is None:
+            return (yield from super().make_server_connection())
+        conn, err = yield request
+        if err:
+            yield from self.handle_protocol_error(
+                ResponseProtocolError(self.stream_id, err, ErrorCode.CONNECT_FAILED)
+            )
+            return False
+        self.context.server = self.flow.server_conn = conn
+        return True
 
     def handle_protocol_error(
         self, event: RequestProtocolError | ResponseProtocolError
@@ -80,9 +177,19 @@ class GatewayStream(http_layers.HttpStream):
 def install_stream_class() -> None:
     """Make mitmproxy's HTTP layer create GatewayStreams (checked, so that a mitmproxy
     whose internals moved fails at start instead of answering failures wrongly)."""
-    needed = ("handle_protocol_error", "send_response", "state_consume_response_body")
-    if not all(hasattr(http_layers.HttpStream, n) for n in needed):
-        raise RuntimeError("keyswap needs mitmproxy 12.2.x: its HttpStream has changed")
+    needed = (
+        "handle_protocol_error",
+        "make_server_connection",
+        "send_response",
+        "state_consume_response_body",
+    )
+    stream_ok = all(hasattr(http_layers.HttpStream, n) for n in needed)
+    fields = {f.name for f in dataclasses.fields(http_layers.GetHttpConnection)}
+    request_ok = {"address", "tls", "via", "transport_protocol"} <= fields
+    if not (stream_ok and request_ok):
+        raise RuntimeError(
+            "keyswap needs mitmproxy 12.2 or 12.3: its HttpStream or GetHttpConnection changed"
+        )
     if not issubclass(http_layers.HttpStream, GatewayStream):
         http_layers.HttpStream = GatewayStream  # type: ignore[misc]
 
@@ -173,12 +280,16 @@ class Failures:
         handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
         if handler is None:
             return
-        # Through a CONNECT tunnel the open transport is the one to the proxy.
-        address = _connect_address(flow)
+        # The transports of this flow's connection: the connection itself or, through a
+        # CONNECT tunnel, the one to the proxy. mitmproxy makes each from the very address
+        # object the flow's connection names (upstream.server_for), so identity finds
+        # them, and never another connection to the same address.
+        server = flow.server_conn
+        hops = [server.address, server.via[1] if server.via else None]
+        mine = [a for a in hops if isinstance(a, KeyedAddress)]
         for conn in list(handler.transports):
-            if conn is flow.server_conn or (
-                flow.server_conn.via and getattr(conn, "address", None) == address
-            ):
+            address = conn.address if isinstance(conn, connection.Server) else None
+            if conn is server or any(address is a for a in mine):
                 handler.close_connection(conn)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -1,25 +1,28 @@
 """TLS to targets with their own `tls:` settings (a private CA, a client certificate,
-or verification off) and to https upstream proxies. Other targets use mitmproxy's TLS
-settings unchanged."""
+or verification off) and to https upstream proxies with theirs. The settings come from
+the key of the connection (the target it was made for, see upstream.py), never from its
+address: two targets at one address keep their own. Connections with the default
+settings, and any keyswap did not make, use mitmproxy's TLS settings unchanged."""
 
 from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from mitmproxy import connection, tls
 from mitmproxy.net import tls as net_tls
 from OpenSSL import SSL
 
 from keyswap.config.model import TargetTls
+from keyswap.gateway.stages.upstream import KeyedAddress
 
 if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
 
 # X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | X509_CHECK_FLAG_NEVER_CHECK_SUBJECT, as mitmproxy.
 _HOSTFLAGS = 0x4 | 0x20
+_DEFAULT = TargetTls()
 
 
 @lru_cache(maxsize=64)
@@ -49,10 +52,8 @@ class TlsToTargets:
         if tls_start.ssl_conn is not None or not isinstance(tls_start.conn, connection.Server):
             return
         server = tls_start.conn
-        if server.address is None:
-            return
-        target_tls = self._settings_for(server.address)
-        if target_tls is None:
+        target_tls = settings_for(server)
+        if target_tls is None or server.address is None:
             return
         ssl_conn = SSL.Connection(client_context(target_tls))
         name = server.sni or server.address[0]
@@ -73,19 +74,19 @@ class TlsToTargets:
         ssl_conn.set_connect_state()
         tls_start.ssl_conn = ssl_conn
 
-    def _settings_for(self, address: tuple[str, int]) -> TargetTls | None:
-        """The `tls:` block of the target served at this address, when it is not the default."""
-        config = self.settings.runtime.config
-        for proxy in config.upstream_proxies.values():
-            if proxy.type == "https" and (proxy.host, proxy.port) == address:
-                return TargetTls(verify=proxy.tls.verify, ca_file=proxy.tls.ca_file)
-        default = TargetTls()
-        for target in config.targets.values():
-            if target.tls != default and _address(target.base_url) == address:
-                return target.tls
-        return None
 
-
-def _address(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+def settings_for(server: connection.Server) -> TargetTls | None:
+    """The `tls:` settings of the target (or https upstream proxy) this connection was
+    made for, when they are not the defaults."""
+    address = server.address
+    if not isinstance(address, KeyedAddress):
+        return None  # not made for a target: mitmproxy's settings
+    key = address.key
+    settings: TargetTls | None
+    if address.to_proxy:
+        if key.proxy is None:
+            return None
+        settings = TargetTls(verify=key.proxy.tls.verify, ca_file=key.proxy.tls.ca_file)
+    else:
+        settings = key.tls
+    return None if settings is None or settings == _DEFAULT else settings
