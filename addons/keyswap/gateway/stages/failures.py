@@ -25,11 +25,12 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http._events import (
     ErrorCode,
+    RequestHeaders,
     RequestProtocolError,
     ResponseProtocolError,
 )
 
-from keyswap.gateway import problem
+from keyswap.gateway import problem, wire
 from keyswap.gateway.stages.upstream import (
     PROXY_ANSWER,
     UPSTREAM,
@@ -137,7 +138,11 @@ def describe(error: str) -> tuple[str, str]:
 
 class GatewayStream(http_layers.HttpStream):
     """mitmproxy's HttpStream, asking for the server connection of the flow's key (see
-    upstream.py) and answering upstream failures with `failure_response`."""
+    upstream.py), writing the request head with the flow's secrets on it (see wire.py),
+    and answering upstream failures with `failure_response`."""
+
+    def _handle_event(self, event: Any) -> Generator[Any, Any, None]:
+        return _with_secrets(self, super()._handle_event(event))
 
     def make_server_connection(self) -> Generator[Any, Any, bool]:
         # mitmproxy's, but with a request that matches only connections of the same key:
@@ -174,10 +179,33 @@ class GatewayStream(http_layers.HttpStream):
         yield from self.send_response()
 
 
+def _with_secrets(
+    stream: GatewayStream, commands: Generator[Any, Any, None]
+) -> Generator[Any, Any, None]:
+    """The stream's commands (and the replies sent back into them), with each request
+    head that goes to the server carrying the flow's secrets: the one place they are put
+    on a request, a copy that only the connection sees."""
+    try:
+        command = next(commands)
+        while True:
+            if isinstance(command, http_layers.SendHttp) and isinstance(
+                command.event, RequestHeaders
+            ):
+                flow = getattr(stream, "flow", None)
+                command.event = dataclasses.replace(
+                    command.event, request=wire.for_wire(flow, command.event.request)
+                )
+            reply = yield command
+            command = commands.send(reply)
+    except StopIteration:
+        return
+
+
 def install_stream_class() -> None:
     """Make mitmproxy's HTTP layer create GatewayStreams (checked, so that a mitmproxy
     whose internals moved fails at start instead of answering failures wrongly)."""
     needed = (
+        "_handle_event",
         "handle_protocol_error",
         "make_server_connection",
         "send_response",

@@ -22,7 +22,7 @@ import httpx
 from mitmproxy import http
 
 from keyswap.config.model import BasicProxyAuth, Config, OAuth2Credential, Target
-from keyswap.gateway import problem
+from keyswap.gateway import problem, wire
 from keyswap.net.urls import origin_of
 from keyswap.state.oauth2_tokens import TokenState, TokenStore
 from keyswap.state.store import iso, new_request_id, now_iso
@@ -186,8 +186,7 @@ class OAuth2:
                 f"oauth2 credential '{name}' has no valid token: {why}",
             )
             return
-        flow.request.headers["authorization"] = f"Bearer {token}"
-        flow.metadata[problem.SECRET_HEADER] = "authorization"
+        wire.put_header(flow, b"authorization", f"Bearer {token}".encode())
         flow.metadata[OAUTH2] = name
         self._used[flow.id] = token
 

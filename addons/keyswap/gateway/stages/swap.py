@@ -1,5 +1,6 @@
-"""The credential swap: the target credential goes on the request at the last step,
-and comes off the stored flow as soon as the flow completes."""
+"""The credential swap: the target credential is registered to go on the request as it is
+written to the target (see wire.py), so the flow itself only ever shows `********`; and
+what the client sent that must not be kept comes off the stored flow when it ends."""
 
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ from keyswap.config.model import (
 from keyswap.config.secrets import MASK
 from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE
 from keyswap.config.tokens import TOKEN_HEADERS
-from keyswap.gateway import problem
+from keyswap.gateway import problem, wire
 from keyswap.net import fields
-from keyswap.net.urls import with_query_param
 
 if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
@@ -30,11 +30,11 @@ ALWAYS_MASKED = frozenset({b"proxy-authorization", *(n.encode() for n in TOKEN_H
 
 
 class CredentialSwap:
-    """Puts the target credential on granted requests; masks it once the flow is done."""
+    """Registers the target credential of granted requests for the wire, and masks what
+    the client sent once the flow is done."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.carrying: set[http.HTTPFlow] = set()  # flows with a credential, not yet masked
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
@@ -42,68 +42,49 @@ class CredentialSwap:
         config = self.settings.runtime.config
         target = config.targets[flow.metadata[problem.TARGET]]
         credential = config.credentials[target.credential]
-        request = flow.request
-        self.carrying.add(flow)
         match credential:
             case BearerCredential(token=token):
                 secret = f"Bearer {token.get_secret_value()}".encode("utf-8", "surrogateescape")
-                fields.put(request.headers, b"authorization", secret)
-                flow.metadata[problem.SECRET_HEADER] = "authorization"
+                wire.put_header(flow, b"authorization", secret)
             case BasicCredential(username=user, password=password):
                 pair = f"{user}:{password.get_secret_value()}".encode("utf-8", "surrogateescape")
-                fields.put(request.headers, b"authorization", b"Basic " + base64.b64encode(pair))
-                flow.metadata[problem.SECRET_HEADER] = "authorization"
+                wire.put_header(flow, b"authorization", b"Basic " + base64.b64encode(pair))
             case HeaderCredential(name=name, value=value):
                 secret = value.get_secret_value().encode("utf-8", "surrogateescape")
-                fields.put(request.headers, name.lower().encode(), secret)
-                flow.metadata[problem.SECRET_HEADER] = name
+                wire.put_header(flow, name.lower().encode(), secret)
             case QueryCredential(name=name, value=value):
-                request.path = with_query_param(request.path, name, value.get_secret_value())
-                flow.metadata[problem.SECRET_QUERY] = name
+                wire.put_query(flow, name, value.get_secret_value())
             case OAuth2Credential():
                 pass  # the OAuth2 addon fetches and applies it
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.carrying.discard(flow)
+        wire.forget(flow)
         mask(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.carrying.discard(flow)
+        wire.forget(flow)
         mask(flow)
 
-    def done(self) -> None:
-        # Before mitmproxy's Save addon writes the flows still in flight at shutdown
-        # (script addons come before it): none of them may carry a credential.
-        for flow in list(self.carrying):
-            mask(flow)
-        self.carrying.clear()
 
-
-def _masked(shape: fields.Shape, header: str | None) -> tuple[bool, ...] | None:
+def _masked(shape: fields.Shape) -> tuple[bool, ...] | None:
     """Which fields of this shape are masked (None: none)."""
-    names = ALWAYS_MASKED | {header.lower().encode()} if header else ALWAYS_MASKED
-    hide = tuple(n in names for n in shape.lowered)
+    hide = tuple(n in ALWAYS_MASKED for n in shape.lowered)
     return hide if any(hide) else None
 
 
 def mask(flow: http.HTTPFlow) -> None:
-    """Replace the target credential, the upstream proxy's credential and any proxy
-    token in the stored request with `********` (a refused request still carries the
-    client's token)."""
-    header = flow.metadata.get(problem.SECRET_HEADER)
+    """Mask what the client sent that must not be kept: its proxy credential headers and
+    anything shaped like a proxy token, wherever (a refused request still carries them).
+    The target credential is never on the flow at all (see wire.py)."""
     headers = flow.request.headers
     found = fields.shape(headers)
-    masked = found.decide(("mask", header), lambda shape: _masked(shape, header))
+    masked = found.decide("mask", _masked)
     if masked:
         headers.fields = tuple(
             (k, MASK_BYTES) if hide else (k, v)
             for hide, (k, v) in zip(masked, headers.fields, strict=True)
         )
         fields.remember(headers.fields, found)
-    param = flow.metadata.get(problem.SECRET_QUERY)
-    if param:
-        flow.request.path = with_query_param(flow.request.path, param, MASK)
-    # A refused request still carries what the client sent: any proxy token, wherever.
     if any(b"ks_" in v for _, v in headers.fields):
         headers.fields = tuple((k, TOKEN_SHAPE.sub(MASK_BYTES, v)) for k, v in headers.fields)
     if b"ks_" in flow.request.data.path:

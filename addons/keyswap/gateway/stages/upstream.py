@@ -23,7 +23,7 @@ from mitmproxy import connection, http
 from mitmproxy.proxy.layers.http import GetHttpConnection
 
 from keyswap.config.model import BasicProxyAuth, TargetTls, UpstreamProxy
-from keyswap.gateway import problem
+from keyswap.gateway import problem, wire
 from keyswap.net.urls import hostport
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ class UpstreamProxies:
             request.data.host, request.data.port = proxy.host, proxy.port
             request.authority = request.host_header = target
             if auth := proxy_authorization(proxy):
-                request.headers["proxy-authorization"] = auth
+                wire.put_header(flow, b"proxy-authorization", auth.encode())
             flow.metadata[ABSOLUTE_FORM] = True
         # A server connection spec of the flow's own, carrying its key: mitmproxy opens
         # one for it or reuses one made for the same key (see KeyedConnection).
