@@ -8,10 +8,13 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
 from keyswap.cli.main import main
+from keyswap.cli.proxies import editing
+from keyswap.config.edit import ConfigEdit
 from keyswap.config.templates import TEMPLATES
 from keyswap.config.tokens import digest
 from tests.support import ROOT
@@ -121,7 +124,7 @@ def test_invalid_edits_write_nothing(config: Path) -> None:
         assert "nothing was written" in result.output
         assert str(config) in result.output and ".tmp" not in result.output
     assert config.read_bytes() == before
-    assert not list(config.parent.glob(".keyswap.yaml.*"))
+    assert not list(config.parent.glob(".keyswap.yaml.*.tmp"))  # (the lock file stays)
 
 
 def test_edit_enable_disable_rotate_delete_with_audit(config: Path) -> None:
@@ -210,3 +213,46 @@ def test_export_writes_a_self_contained_folder(config: Path, tmp_path: Path) -> 
     env = {"KEYSWAP_ENV": "prod"}
     check = CliRunner().invoke(main, ["check", "--config", str(out / "keyswap.yaml")], env=env)
     assert check.exit_code == 0, check.output
+
+
+def test_a_written_token_is_shown_even_when_its_audit_row_fails(config: Path) -> None:
+    no_db = config.parent / "missing" / "keyswap.db"  # SQLite cannot create it
+    result = run(
+        config, "proxies", "rotate-token", "billing", "--token-id", "jobs", "--db", str(no_db)
+    )
+    assert result.exit_code == 1
+    token = TOKEN.search(result.output).group(1)  # type: ignore[union-attr]
+    assert digest(token) in config.read_text()
+    assert (
+        f"rotate-token proxies.billing is written to {config}, but its audit row could not be"
+        f" written to {no_db}: unable to open database file"
+    ) in result.output
+    assert result.output.index(token) < result.output.index("Error: ")  # shown first
+    assert "Traceback" not in result.output
+
+
+def test_a_lock_held_too_long_is_a_clear_error(config: Path) -> None:
+    with ConfigEdit(config):
+        with pytest.raises(click.ClickException) as e, editing(str(config), lock_timeout_s=0.2):
+            pass
+    assert (
+        f"{config} is being changed by another command: its lock {config.parent}/.keyswap.yaml.lock"
+        " was held for over 0.2 s; retry when that command has finished"
+    ) == e.value.message
+    with editing(str(config)) as edit:  # released: free again
+        assert edit.locked
+
+
+def test_only_an_edit_under_the_lock_can_be_saved(config: Path) -> None:
+    snapshot = ConfigEdit(config)
+    assert "billing" in snapshot.doc["proxies"]  # a read-only look, as `export` takes
+    with pytest.raises(RuntimeError, match="outside the lock"):
+        snapshot.save()
+    with pytest.raises(RuntimeError, match="read before it was locked"):
+        snapshot.lock()
+    with ConfigEdit(config) as edit:
+        edit.doc["proxies"]["billing"]["description"] = "locked"
+        edit.save()
+    with pytest.raises(RuntimeError, match="outside the lock"):
+        edit.save()
+    assert "description: locked" in config.read_text()

@@ -14,7 +14,7 @@ from ruamel.yaml.comments import CommentedMap
 
 from keyswap.cli.options import config_option, default_db, load_or_fail
 from keyswap.cli.proxies import proxy_or_fail, proxy_urls
-from keyswap.config.edit import ConfigEdit, dump
+from keyswap.config.edit import dump, read_document
 from keyswap.config.substitution import is_indirect
 from keyswap.state.registry import live_gateways
 
@@ -145,7 +145,7 @@ def export(config_path: str, pid: str, out: str) -> None:
     loaded = load_or_fail(config_path)
     config = loaded.config
     proxy = proxy_or_fail(config, pid)
-    source = ConfigEdit(config_path).doc
+    source = read_document(config_path)
     target_name = proxy.target
     target = config.targets[target_name]
     subset = CommentedMap()

@@ -1,12 +1,15 @@
 """`keyswap proxies ...`: managing proxies the way a dashboard would, by editing the config
-file (comments kept, validated first, replaced atomically, audited) and waiting for
-running gateways to load the change."""
+file (locked against other commands, comments kept, validated first, replaced atomically,
+audited) and waiting for running gateways to load the change."""
 
 from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import httpx
 from ruamel.yaml.comments import CommentedMap
 
 from keyswap.cli.options import config_option, default_db, load_or_fail, table
-from keyswap.config.edit import ConfigEdit, flow_map, flow_seq
+from keyswap.config.edit import LOCK_TIMEOUT_S, ConfigEdit, ConfigLocked, flow_map, flow_seq
 from keyswap.config.loader import ConfigError, LoadedConfig
 from keyswap.config.model import Config, Proxy
 from keyswap.config.templates import TEMPLATES, Template
@@ -73,6 +76,23 @@ def proxy_or_fail(config: Config, pid: str) -> Proxy:
     return proxy
 
 
+@contextmanager
+def editing(config_path: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[ConfigEdit]:
+    """The config file, locked against every other command from its read to the end of
+    the block (see `commit`), with a lock that is busy too long as a clear error."""
+    edit = ConfigEdit(config_path, lock_timeout_s=lock_timeout_s)
+    try:
+        edit.lock()
+    except ConfigLocked as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot edit {config_path}: {e}") from None
+    try:
+        yield edit
+    finally:
+        edit.unlock()
+
+
 def commit(
     edit: ConfigEdit,
     db_path: str | None,
@@ -80,8 +100,10 @@ def commit(
     resource: str,
     detail: dict[str, Any],
     actor: str | None,
+    shown: tuple[str, ...] = (),
 ) -> LoadedConfig:
-    """Validate and write the edit, audit it, and wait for running gateways to load it."""
+    """Validate and write the edit, audit it, release the lock, wait for running gateways to
+    load the change, and print `shown` (a new token) last."""
     try:
         loaded = edit.save()
     except ConfigError as e:
@@ -90,11 +112,34 @@ def commit(
         raise click.ClickException(
             "the change would make the config invalid; nothing was written"
         ) from None
-    db = Path(db_path) if db_path else default_db(edit.path)
-    audit(db, action, resource, detail, actor)
-    click.echo(f"{action} {resource}: written to {edit.path}")
-    for gateway in live_gateways(db, edit.path):
-        click.echo(wait_for(gateway, loaded.digest))
+    try:
+        click.echo(f"{action} {resource}: written to {edit.path}")
+        db = Path(db_path) if db_path else default_db(edit.path)
+        try:
+            # Still under the lock, so that no change is written without its audit row
+            # being attempted, and the rows are in the order of the changes.
+            audit(db, action, resource, detail, actor)
+        except sqlite3.Error as e:
+            raise click.ClickException(
+                f"{action} {resource} is written to {edit.path}, but its audit row could not"
+                f" be written to {db}: {e}"
+            ) from None
+        # Waiting takes up to WAIT_S per gateway: other commands need not queue behind it.
+        edit.unlock()
+        try:
+            gateways = live_gateways(db, edit.path)
+        except sqlite3.Error as e:
+            click.echo(f"warning: cannot tell which gateways serve {edit.path} ({db}: {e})")
+            gateways = []
+        for gateway in gateways:
+            click.echo(wait_for(gateway, loaded.digest))
+    finally:
+        # The token comes last, after what changed and who serves it (as the docs show),
+        # but once the file holds its digest it is printed on every way out: before the
+        # error when the audit row fails, on Ctrl-C while waiting. A token in the file
+        # that was never shown can never be used, nor shown again.
+        for line in shown:
+            click.echo(line)
     return loaded
 
 
@@ -319,36 +364,36 @@ def create(
         raise click.BadParameter("lowercase letters, digits, '-' and '_'", param_hint="ID")
     if (target is None) == (template is None):
         raise click.UsageError("give --target T or --template NAME")
-    edit = ConfigEdit(config_path)
-    if pid in edit.section("proxies"):
-        raise click.ClickException(f"proxy '{pid}' exists; use keyswap proxies edit {pid}")
-    proxy = CommentedMap()
-    notes = []
-    if template is not None:
-        t = TEMPLATES[template]
-        target = pid
-        if pid in edit.section("targets") or pid in edit.section("credentials"):
-            raise click.ClickException(f"a target or credential '{pid}' exists; use --target")
-        _add_template(edit, pid, t)
-        proxy.update(_template_proxy(t))
-        notes.append(
-            f"credential '{pid}' reads {', '.join(t.env_vars)}; set them where the gateway runs"
+    with editing(config_path) as edit:
+        if pid in edit.section("proxies"):
+            raise click.ClickException(f"proxy '{pid}' exists; use keyswap proxies edit {pid}")
+        proxy = CommentedMap()
+        notes = []
+        if template is not None:
+            t = TEMPLATES[template]
+            target = pid
+            if pid in edit.section("targets") or pid in edit.section("credentials"):
+                raise click.ClickException(f"a target or credential '{pid}' exists; use --target")
+            _add_template(edit, pid, t)
+            proxy.update(_template_proxy(t))
+            notes.append(
+                f"credential '{pid}' reads {', '.join(t.env_vars)}; set them where the gateway runs"
+            )
+        proxy["target"] = target
+        token = new_token()
+        proxy["created"] = _now()
+        changed = _apply(proxy, name, description, routes, methods, origins)
+        proxy["tokens"] = [flow_map({"id": token_id, "sha256": digest(token), "created": _now()})]
+        edit.section("proxies")[pid] = proxy
+        commit(
+            edit,
+            db_path,
+            "create",
+            f"proxies.{pid}",
+            {"target": target, "template": template, **changed},
+            actor,
+            shown=(_shown_once(token_id, token),),
         )
-    proxy["target"] = target
-    token = new_token()
-    proxy["created"] = _now()
-    changed = _apply(proxy, name, description, routes, methods, origins)
-    proxy["tokens"] = [flow_map({"id": token_id, "sha256": digest(token), "created": _now()})]
-    edit.section("proxies")[pid] = proxy
-    commit(
-        edit,
-        db_path,
-        "create",
-        f"proxies.{pid}",
-        {"target": target, "template": template, **changed},
-        actor,
-    )
-    click.echo(f"token {token_id} (shown once, store it now): {token}")
     for note in notes:
         click.echo(note)
 
@@ -399,14 +444,14 @@ def edit_proxy(
     Example:
       keyswap proxies edit crm-prod --method GET --method POST --origin https://app.example.com
     """
-    edit = ConfigEdit(config_path)
-    proxy = _editable(edit, pid)
-    changed = _apply(proxy, name, description, routes, methods, origins)
-    if target is not None:
-        proxy["target"] = changed["target"] = target
-    if not changed:
-        raise click.UsageError("nothing to change: give at least one option")
-    commit(edit, db_path, "edit", f"proxies.{pid}", changed, actor)
+    with editing(config_path) as edit:
+        proxy = _editable(edit, pid)
+        changed = _apply(proxy, name, description, routes, methods, origins)
+        if target is not None:
+            proxy["target"] = changed["target"] = target
+        if not changed:
+            raise click.UsageError("nothing to change: give at least one option")
+        commit(edit, db_path, "edit", f"proxies.{pid}", changed, actor)
     for key, value in changed.items():
         click.echo(f"  {key}: {value}")
 
@@ -426,16 +471,16 @@ def _editable(edit: ConfigEdit, pid: str) -> CommentedMap:
 def _set_active(
     config_path: str, db_path: str | None, actor: str | None, pid: str, active: bool
 ) -> None:
-    edit = ConfigEdit(config_path)
-    _editable(edit, pid)["active"] = active
-    commit(
-        edit,
-        db_path,
-        "enable" if active else "disable",
-        f"proxies.{pid}",
-        {"active": active},
-        actor,
-    )
+    with editing(config_path) as edit:
+        _editable(edit, pid)["active"] = active
+        commit(
+            edit,
+            db_path,
+            "enable" if active else "disable",
+            f"proxies.{pid}",
+            {"active": active},
+            actor,
+        )
 
 
 @proxies.command("enable")
@@ -483,21 +528,26 @@ def rotate_token(
     Example:
       keyswap proxies rotate-token crm-prod --token-id web
     """
-    edit = ConfigEdit(config_path)
-    proxy = _editable(edit, pid)
-    tokens = proxy.get("tokens")
-    if tokens is None:
-        tokens = proxy["tokens"] = []
-    token_id = token_id or (tokens[0]["id"] if tokens else "default")
-    token = new_token()
-    entry = flow_map({"id": token_id, "sha256": digest(token), "created": _now()})
-    found = [i for i, t in enumerate(tokens) if t.get("id") == token_id]
-    if found:
-        tokens[found[0]] = entry
-    else:
-        tokens.append(entry)
-    commit(edit, db_path, "rotate-token", f"proxies.{pid}", {"token_id": token_id}, actor)
-    click.echo(f"token {token_id} (shown once, store it now): {token}")
+    with editing(config_path) as edit:
+        proxy = _editable(edit, pid)
+        tokens = proxy.get("tokens")
+        if tokens is None:
+            tokens = proxy["tokens"] = []
+        token_id = token_id or (tokens[0]["id"] if tokens else "default")
+        token = new_token()
+        entry = flow_map({"id": token_id, "sha256": digest(token), "created": _now()})
+        found = [i for i, t in enumerate(tokens) if t.get("id") == token_id]
+        if found:
+            tokens[found[0]] = entry
+        else:
+            tokens.append(entry)
+        detail = {"token_id": token_id}
+        shown = (_shown_once(token_id, token),)
+        commit(edit, db_path, "rotate-token", f"proxies.{pid}", detail, actor, shown)
+
+
+def _shown_once(token_id: str, token: str) -> str:
+    return f"token {token_id} (shown once, store it now): {token}"
 
 
 @proxies.command("delete")
@@ -513,9 +563,12 @@ def delete(config_path: str, db_path: str | None, actor: str | None, pid: str, y
     Example:
       keyswap proxies delete crm-prod --yes
     """
-    edit = ConfigEdit(config_path)
-    target = _editable(edit, pid).get("target")
     if not yes:
+        # Asked on a snapshot, before the lock: a person thinking must not hold up other
+        # commands (the proxy is looked up again under the lock).
+        _editable(ConfigEdit(config_path), pid)
         click.confirm(f"delete proxy '{pid}' (its routes stop at once)?", abort=True)
-    del edit.section("proxies")[pid]
-    commit(edit, db_path, "delete", f"proxies.{pid}", {"target": target}, actor)
+    with editing(config_path) as edit:
+        target = _editable(edit, pid).get("target")
+        del edit.section("proxies")[pid]
+        commit(edit, db_path, "delete", f"proxies.{pid}", {"target": target}, actor)

@@ -10,7 +10,8 @@ import json
 import os
 import sqlite3
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -91,14 +92,40 @@ def now_iso() -> str:
     return iso(time.time())
 
 
+BUSY_TIMEOUT_S = 10.0
+# Raise when ensure_schema changes: a database of an older version is upgraded on open.
+SCHEMA_VERSION = 1
+
+
 def open_db(path: str | Path) -> Database:
     """Open (and create or upgrade) the state database."""
-    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=10)
+    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_S)
     db = Database(conn)
     db.enable_wal()
     db.execute("PRAGMA synchronous=NORMAL")
-    ensure_schema(db)
+    # Only a database whose schema is not current takes the write lock here: readers
+    # (`keyswap logs`, a read-only copy) open without it.
+    if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+        with write_transaction(db):
+            ensure_schema(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     return db
+
+
+@contextmanager
+def write_transaction(db: Database) -> Iterator[Database]:
+    """A transaction that holds SQLite's write lock from its start, waiting up to the busy
+    timeout for it. sqlite-utils' own transactions start deferred and read first (does the
+    table exist?): such a read-then-write fails at once with "database is locked", busy
+    timeout or not, when another connection writes in between, because SQLite will not
+    wait where waiting could deadlock. Inside, sqlite-utils nests with savepoints."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        db.rollback()
+        raise
 
 
 def ensure_schema(db: Database) -> None:
@@ -150,7 +177,7 @@ def audit(
     db_path: Path, action: str, resource: str, detail: dict[str, Any], actor: str | None
 ) -> None:
     """Record a change made from the command line (no secret in `detail`)."""
-    with closing(open_db(db_path)) as db:
+    with closing(open_db(db_path)) as db, write_transaction(db):
         db.table("audit").insert(audit_row(action, resource, detail, actor))
 
 
