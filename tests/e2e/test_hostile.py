@@ -5,7 +5,9 @@ what the client got, and what the target received (nothing, for a refused reques
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import re
 import socket
 import sqlite3
 import time
@@ -49,6 +51,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
         config.write_text(
             f"""\
 version: 1
+limits: {{ header_timeout_s: 1.5 }}
 credentials:
   key: {{ type: bearer, token: "${{env:HOSTILE_SECRET}}" }}
   apikey: {{ type: header, name: x-api-key, value: "${{env:HOSTILE_SECRET}}" }}
@@ -302,3 +305,76 @@ def test_a_refused_request_records_no_token(stage: Stage) -> None:
     row = next(r for r in log_rows(stage) if r["id"] == answer.headers["keyswap-request-id"])
     assert stage.token not in json.dumps(row)
     assert "********" in str(row["path"])
+
+
+def test_a_huge_head_is_cut_at_the_limit_and_memory_stays_flat(stage: Stage) -> None:
+    """mitmproxy reads a head whole; the gate refuses it once it crosses the limit."""
+    huge = request(stage, b"GET /api/p/x HTTP/1.1", b"X-Big: " + b"a" * (8 << 20))
+    answer = refused(stage, huge, 431)  # read, not reset: the gate closes lingeringly
+    assert answer.headers["connection"] == "close"
+    before = stage.gateway.rss_kib()
+    for _ in range(30):
+        with socket.create_connection(("127.0.0.1", stage.gateway.port), timeout=10) as s:
+            with contextlib.suppress(OSError):
+                s.sendall(huge)
+                s.recv(65536)
+    growth_mib = (stage.gateway.rss_kib() - before) / 1024
+    assert growth_mib < 10, f"RSS grew {growth_mib:.1f} MiB after 30 heads of 8 MiB"
+    assert stage.target.everything == b""
+
+
+def test_a_head_that_trickles_in_is_refused_408(stage: Stage) -> None:
+    """Slowloris: each byte arrives in time for the idle timeout, the head never does."""
+    stage.target.clear()
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", stage.gateway.port), timeout=10) as s:
+        s.sendall(b"GET /api/p/x HTTP/1.1\r\nHost: gw\r\n")
+        got = b""
+        for _ in range(40):
+            with contextlib.suppress(OSError):
+                s.sendall(b"X")
+            s.settimeout(0.25)
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            got += chunk
+            if not chunk or b"\r\n\r\n" in got:
+                break
+    assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+    assert 1.4 < time.monotonic() - started < 5
+    assert stage.target.everything == b""
+
+
+def test_framing_keeps_bodies_and_pipelined_requests_apart(stage: Stage) -> None:
+    """The gate follows Content-Length and chunked framing: a body full of CR LF, a body
+    larger than any head limit, and trailers are bodies, not heads."""
+    auth = f"Authorization: Bearer {stage.token}".encode()
+    body = b"\r\n\r\nGET /evil HTTP/1.1\r\n\r\n" + b"b" * 200_000
+    chunked = b"5\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n"
+    pipelined = b"".join(
+        [
+            b"POST /api/p/one HTTP/1.1\r\nHost: gw\r\n" + auth,
+            b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+            b"POST /api/p/two HTTP/1.1\r\nHost: gw\r\n" + auth,
+            b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+            b"GET /api/p/three HTTP/1.1\r\nHost: gw\r\n" + auth + b"\r\nConnection: close\r\n\r\n",
+        ]
+    )
+    stage.target.clear()
+    with socket.create_connection(("127.0.0.1", stage.gateway.port), timeout=10) as s:
+        s.sendall(pipelined)
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 3:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", got)
+    assert statuses == [b"200", b"200", b"200"], got[:500]
+    deadline = time.monotonic() + 5
+    while stage.target.everything.count(b" HTTP/1.1\r\n") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    received = stage.target.everything
+    assert b"POST /one " in received and b"POST /two " in received and b"GET /three " in received
+    assert b"GET /evil" in received  # inside the first body, as a body

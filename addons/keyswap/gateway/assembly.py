@@ -12,6 +12,7 @@ from keyswap.gateway.stages.cors import Cors
 from keyswap.gateway.stages.drain import Drain
 from keyswap.gateway.stages.failures import Failures
 from keyswap.gateway.stages.firewall import Firewall
+from keyswap.gateway.stages.head_gate import HeadGate
 from keyswap.gateway.stages.headers import HeaderFilter
 from keyswap.gateway.stages.health import Health
 from keyswap.gateway.stages.oauth2 import OAuth2
@@ -37,7 +38,8 @@ def build() -> list[Any]:
 
     stages = [
         settings,
-        Firewall(settings),  # first: nothing reads a request before it is checked
+        HeadGate(settings, recorder.record),  # limits while a request head arrives
+        Firewall(settings),  # first on a parsed request: nothing reads it before this
         Drain(),  # its `done` waits for requests in flight before the others close
         Router(settings),
         Health(settings, {"activity_log": recorder.report, "oauth2": oauth2.report}),

@@ -43,6 +43,7 @@ class Recorder:
         self._redaction_for: tuple[LoadedConfig | None, tuple[frozenset[str], ...]] = (None, ())
         # Secrets issued at run time (OAuth2 tokens), masked like the config's.
         self.secret_sources: list[Callable[[], frozenset[str]]] = []
+        self._previous_factory = logging.getLogRecordFactory()
         self.body_cap = 0
 
     def load(self, loader: Loader) -> None:
@@ -71,6 +72,21 @@ class Recorder:
         self.settings.on_reload.append(self.audit_reload)
         logger.info("keyswap: activity log in %s", self.writer.path)
         self.writer.add("gateways", self.announcement())
+        self._previous_factory = logging.getLogRecordFactory()
+        logging.setLogRecordFactory(self._masked_record)
+
+    def _masked_record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        """Every log record, keyswap's or mitmproxy's (which quotes raw client bytes, such
+        as a head cut short), as text with secrets and proxy tokens masked, bounded."""
+        record = self._previous_factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is left to logging's own error handling
+            return record
+        clean = self.redaction().text(shown(message))
+        if clean != message:
+            record.msg, record.args = clean, None
+        return record
 
     def announcement(self) -> dict[str, Any]:
         """Where this gateway serves which config, so the command line can wait for it."""
@@ -90,6 +106,8 @@ class Recorder:
         }
 
     def done(self) -> None:
+        if logging.getLogRecordFactory() == self._masked_record:
+            logging.setLogRecordFactory(self._previous_factory)
         if self.writer is not None:
             self.writer.close()
             logger.info("keyswap: activity log closed (%s)", self.writer.report())
