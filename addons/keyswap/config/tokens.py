@@ -23,3 +23,10 @@ def digest(token: str | bytes) -> str:
     """The sha256 hex digest the config stores instead of the token."""
     data = token.encode("utf-8", "surrogateescape") if isinstance(token, str) else token
     return hashlib.sha256(data).hexdigest()
+
+
+def without_tokens(query: str) -> str:
+    """A query string without the parameters that hold something shaped like a token."""
+    if "ks_" not in query:
+        return query
+    return "&".join(p for p in query.split("&") if not SHAPE.search(p))

@@ -64,7 +64,7 @@ class Authenticate:
         config = self.settings.runtime.config
         proxy = config.proxies[flow.metadata[problem.PROXY]]
         credential = config.credentials.get(config.targets[proxy.target].credential)
-        query = flow.metadata[problem.PATH].partition("?")[2]
+        query = flow.request.path.partition("?")[2]  # as sent: the rewrite comes later
         token = presented_token(flow.request.headers, query, credential)
         if not token:
             problem.deny(

@@ -29,19 +29,11 @@ class HeaderFilter:
         request = flow.request
         plans[0].apply(request.headers)
         # A proxy token never leaves, wherever the client put it (an SDK's own key
-        # header, a second copy, a query parameter). The target credential goes on after.
+        # header, a second copy); the policy stage left it out of the query already. The
+        # target credential goes on after.
         fields = request.headers.fields
         if any(b"ks_" in v for _, v in fields):
             request.headers.fields = tuple(f for f in fields if not TOKEN_SHAPE.search(f[1]))
-        if b"ks_" in request.data.path:
-            path, _, query = request.data.path.partition(b"?")
-            if TOKEN_SHAPE.search(path):
-                problem.deny(
-                    flow, 400, "bad-request", "a proxy token in the URL path is never forwarded"
-                )
-                return
-            kept = [p for p in query.split(b"&") if not TOKEN_SHAPE.search(p)]
-            request.data.path = path + (b"?" + b"&".join(kept) if kept else b"")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 
 from keyswap.config.model import Proxy, Rule
+from keyswap.config.tokens import without_tokens
 from keyswap.gateway import problem
 from keyswap.gateway.stages.rewrite import Refused, resolve
 
@@ -97,7 +98,9 @@ class Policy:
             allow = ", ".join(allowed if allowed is not None else DEFAULT_ALLOW)
             problem.deny(flow, 405, "method", f"method {method} is not allowed", {"allow": allow})
             return
-        query = flow.metadata[problem.PATH].partition("?")[2]
+        # As sent (the rewrite comes later), without any parameter holding a proxy
+        # token: the destination, and so the target and the flow, never see one.
+        query = without_tokens(flow.request.path.partition("?")[2])
         target = config.targets[proxy.target]
         try:
             dest = resolve(target, flow.metadata[problem.REST], query)

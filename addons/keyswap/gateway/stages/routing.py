@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 
 from keyswap.config.model import RESERVED_PREFIX
+from keyswap.config.secrets import MASK
+from keyswap.config.tokens import SHAPE as TOKEN_SHAPE
 from keyswap.gateway import problem
 
 if TYPE_CHECKING:
@@ -29,8 +31,15 @@ class Router:
             flow.metadata[problem.PATH] = raw.decode("utf-8", "replace")
             problem.deny(flow, 400, "bad-request", "the path is not UTF-8; percent-encode it")
             return
-        flow.metadata[problem.PATH] = text
+        # Flow metadata is saved and shown with the flow: the path as the client sent it,
+        # but with anything shaped like a proxy token masked. (Stages that need the raw
+        # query read it from the request, which the rewrite stage replaces.)
+        flow.metadata[problem.PATH] = TOKEN_SHAPE.sub(MASK, text) if "ks_" in text else text
         path = text.partition("?")[0]
+        if "ks_" in path and TOKEN_SHAPE.search(path):
+            message = "a proxy token in the URL path is never forwarded"
+            problem.deny(flow, 400, "bad-request", message)
+            return
         if path == RESERVED_PREFIX or path.startswith(RESERVED_PREFIX + "/"):
             flow.metadata[problem.RESERVED] = True
             return

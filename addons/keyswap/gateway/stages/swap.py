@@ -37,7 +37,10 @@ class CredentialSwap:
         self.settings = settings
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
+        if flow.response is not None:
+            mask(flow)  # refused: before mitmweb shows the new flow, not when it ends
+            return
+        if flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
             return
         config = self.settings.runtime.config
         target = config.targets[flow.metadata[problem.TARGET]]
