@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 # an OptionsError in `configure` must roll the option change back.
 LIFECYCLE = ("load", "configure", "running", "done")
 EVENTS = (
-    "next_layer",
     "client_connected",
     "client_disconnected",
     "requestheaders",

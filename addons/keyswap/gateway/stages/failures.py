@@ -141,8 +141,13 @@ class GatewayStream(http_layers.HttpStream):
     upstream.py), writing the request head with the flow's secrets on it (see wire.py),
     and answering upstream failures with `failure_response`."""
 
-    def _handle_event(self, event: Any) -> Generator[Any, Any, None]:
-        return _with_secrets(self, super()._handle_event(event))
+    # The two places where mitmproxy sends a request head to the server (streamed, or
+    # once the body is in): their commands pass through `_with_secrets`.
+    def start_request_stream(self) -> Generator[Any, Any, None]:
+        return _with_secrets(self, super().start_request_stream())
+
+    def state_consume_request_body(self, event: Any) -> Generator[Any, Any, None]:
+        return _with_secrets(self, super().state_consume_request_body(event))
 
     def make_server_connection(self) -> Generator[Any, Any, bool]:
         # mitmproxy's, but with a request that matches only connections of the same key:
@@ -205,7 +210,8 @@ def install_stream_class() -> None:
     """Make mitmproxy's HTTP layer create GatewayStreams (checked, so that a mitmproxy
     whose internals moved fails at start instead of answering failures wrongly)."""
     needed = (
-        "_handle_event",
+        "start_request_stream",
+        "state_consume_request_body",
         "handle_protocol_error",
         "make_server_connection",
         "send_response",

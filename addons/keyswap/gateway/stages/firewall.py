@@ -11,7 +11,8 @@ continuation, which mitmproxy joins into the value with CR LF); more than
 
 It also holds what a client may keep open: past `limits.max_connections` a new client
 connection is closed at once, and `limits.idle_timeout_s` becomes mitmproxy's
-`tcp_timeout` (a connection with no byte in either direction for that long is closed)."""
+`tcp_timeout` (a connection with no byte in either direction for that long is closed;
+never less than the longest time a target is allowed to take)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,11 @@ class Firewall:
 
     def apply_limits(self, loaded: LoadedConfig) -> None:
         """The limits mitmproxy enforces itself, set from the config."""
-        idle = math.ceil(loaded.config.limits.idle_timeout_s)
+        # mitmproxy's timer counts silence on the client and target side alike: a target
+        # allowed to take longer than the idle timeout must not be cut by it.
+        config = loaded.config
+        waits = (t.connect_timeout_s + t.timeout_s for t in config.targets.values())
+        idle = math.ceil(max(config.limits.idle_timeout_s, max(waits, default=0) + 1))
         if ctx.options.tcp_timeout != idle:
             ctx.options.update(tcp_timeout=idle)
 

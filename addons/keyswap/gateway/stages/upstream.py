@@ -59,13 +59,31 @@ class ConnectionKey:
 def connection_key(config: Config, target_name: str, request: http.Request) -> ConnectionKey:
     """The key of the server connection a request to this target needs: the one place
     that says what makes two connections different."""
+    if _keys_for[0] is not config or len(_keys) >= KEYS_KEPT:
+        _keys.clear()
+        _keys_for[0] = config
+    found = (target_name, request.scheme, request.host, request.port)
+    key = _keys.get(found)
+    if key is None:
+        key = _keys[found] = _make_key(config, *found)
+    return key
+
+
+# The keys made for the config in use: the same key object for every request to the
+# same destination, so that comparing two keys mostly compares an object with itself.
+KEYS_KEPT = 1024
+_keys: dict[tuple[str, str, str, int], ConnectionKey] = {}
+_keys_for: list[Config | None] = [None]
+
+
+def _make_key(config: Config, target_name: str, scheme: str, host: str, port: int) -> ConnectionKey:
     target = config.targets[target_name]
-    https = request.scheme == "https"
+    https = scheme == "https"
     name = target.upstream_proxy
     return ConnectionKey(
-        address=(request.host, request.port),
+        address=(host, port),
         tls=target.tls if https else None,
-        sni=request.host if https else None,
+        sni=host if https else None,
         upstream_proxy=name,
         proxy=config.upstream_proxies[name] if name is not None else None,
     )
@@ -232,9 +250,13 @@ class UpstreamProxies:
             if auth := proxy_authorization(proxy):
                 wire.put_header(flow, b"proxy-authorization", auth.encode())
             flow.metadata[ABSOLUTE_FORM] = True
-        # A server connection spec of the flow's own, carrying its key: mitmproxy opens
-        # one for it or reuses one made for the same key (see KeyedConnection).
-        flow.server_conn = server_for(key)
+        # A server connection spec carrying the flow's key: mitmproxy opens one for it or
+        # reuses one made for the same key (see KeyedConnection). The spec a flow inherits
+        # from the one before it on this client connection is kept when its key is equal
+        # (the usual keep-alive case; a new spec per request is a cost of its own).
+        current = flow.server_conn.address
+        if not (isinstance(current, KeyedAddress) and current.key == key):
+            flow.server_conn = server_for(key)
 
     def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
         """Authenticate the CONNECT with the credentials of the proxy the tunnel is for."""
