@@ -52,7 +52,8 @@ def for_wire(flow: http.HTTPFlow | None, request: http.Request) -> http.Request:
         return request
     wire = copy.copy(request)
     wire.data = copy.copy(request.data)
-    wire.data.headers = http.Headers(request.data.headers.fields)
+    # A shallow copy shares the fields tuple, which the edits replace, never change.
+    wire.data.headers = copy.copy(request.data.headers)
     for edit in edits:
         edit(wire)
     return wire
