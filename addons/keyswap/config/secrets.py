@@ -14,12 +14,14 @@ from pydantic import BaseModel, SecretStr
 
 from keyswap.config.model import Config, HeaderCredential, QueryCredential
 from keyswap.config.tokens import SHAPE as TOKEN_SHAPE
+from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE_BYTES
 from keyswap.config.tokens import TOKEN_HEADERS
 from keyswap.net import fields
 from keyswap.net.text import shown
 from keyswap.net.urls import with_query_param
 
 MASK = "********"
+MASK_BYTES = MASK.encode()
 # A log row shows at most this many header fields, and this many bytes of their values.
 LOGGED_HEADERS = 100
 LOGGED_HEADER_BYTES = 65536
@@ -124,9 +126,17 @@ class Redaction:
         for value in self.values:
             if value in text:
                 text = text.replace(value, MASK)
-        if "ks_" in text:
-            text = TOKEN_SHAPE.sub(MASK, text)
-        return text
+        return mask_tokens(text)
+
+
+def mask_tokens(text: str) -> str:
+    """`text` with everything shaped like a proxy token masked."""
+    return TOKEN_SHAPE.sub(MASK, text) if "ks_" in text else text
+
+
+def mask_token_bytes(data: bytes) -> bytes:
+    """`mask_tokens` for raw header values and request targets."""
+    return TOKEN_SHAPE_BYTES.sub(MASK_BYTES, data) if b"ks_" in data else data
 
 
 def secret_values(model: BaseModel) -> set[str]:

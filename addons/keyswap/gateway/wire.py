@@ -16,12 +16,11 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from keyswap.config.secrets import MASK
+from keyswap.config.secrets import MASK, MASK_BYTES
 from keyswap.net import fields
 from keyswap.net.urls import with_query_param
 
 Edit = Callable[[http.Request], None]
-MASK_BYTES = MASK.encode()
 
 # flow -> the edits that put its secrets on the wire; dropped when the flow ends (and
 # with the flow, should a flow end without a response or error hook).

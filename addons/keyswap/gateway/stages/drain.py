@@ -1,9 +1,9 @@
 """A clean shutdown. On SIGTERM or Ctrl-C mitmproxy calls the addons' `done`; this stage
-is the first to be called: it stops the listeners, lets the requests in flight finish
-(for up to `keyswap_drain_s` seconds) and only then lets the other stages close (the
-recorder flushes every row last). A request that arrives on an open keep-alive
-connection meanwhile is answered 503 and the connection closed, so clients retry on
-another gateway instead of waiting on this one."""
+comes before every stage that closes something: it stops the listeners, lets the
+requests in flight finish (for up to `keyswap_drain_s` seconds) and only then lets the
+other stages close (the recorder flushes every row last). A request that arrives on an
+open keep-alive connection meanwhile is answered 503 and the connection closed, so
+clients retry on another gateway instead of waiting on this one."""
 
 from __future__ import annotations
 

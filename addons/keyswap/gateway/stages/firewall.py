@@ -45,7 +45,6 @@ class Firewall:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.open: set[connection.Client] = set()
-        self.refused = 0
         settings.on_reload.append(self._reloaded)
 
     def configure(self, updated: set[str]) -> None:
@@ -70,7 +69,6 @@ class Firewall:
         loaded = self.settings.runtime.loaded
         limit = loaded.config.limits.max_connections if loaded else Limits().max_connections
         if len(self.open) >= limit:
-            self.refused += 1
             client.error = f"keyswap: more than {limit} open client connections"
             return
         self.open.add(client)
@@ -95,14 +93,14 @@ class Firewall:
         if not method or len(method) > METHOD_BYTES or method.translate(None, TCHAR):
             return 400, "the method is not a valid HTTP method token"
         if len(target) > limits.max_url_bytes:
-            return 414, f"the request target is longer than {limits.max_url_bytes} bytes"
+            return 414, URL_TOO_LONG.format(limits.max_url_bytes)
         if len(target.translate(None, NOT_IN_TARGET)) != len(target):
             return 400, "the request target contains a control character or a space"
         if len(fields) > limits.max_headers:
             return 431, f"the request has more than {limits.max_headers} header fields"
         size = len(method) + len(target) + 12 + sum(len(k) + len(v) + 4 for k, v in fields)
         if size > limits.max_header_bytes:
-            return 431, f"the request head is larger than {limits.max_header_bytes} bytes"
+            return 431, HEAD_TOO_LARGE.format(limits.max_header_bytes)
         names = b"".join(k for k, _ in fields)
         if names.translate(None, TCHAR) or any(not k for k, _ in fields):
             return 400, "a header name is not a valid token"
@@ -116,3 +114,6 @@ class Firewall:
 
 
 REASONS = {400: "bad-request", 414: "uri-too-long", 431: "header-too-large"}
+# Also said by the head gate, which checks the same limits while the head arrives.
+URL_TOO_LONG = "the request target is longer than {} bytes"
+HEAD_TOO_LARGE = "the request head is larger than {} bytes"

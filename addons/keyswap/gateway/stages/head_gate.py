@@ -35,6 +35,7 @@ from mitmproxy.proxy.layers.http import _http1
 from keyswap.config.loader import LoadedConfig
 from keyswap.config.model import Limits
 from keyswap.gateway import problem
+from keyswap.gateway.stages.firewall import HEAD_TOO_LARGE, REASONS, URL_TOO_LONG
 from keyswap.net.text import shown
 from keyswap.state.store import new_request_id
 
@@ -95,11 +96,9 @@ class GatewayHttp1Server(_http1.Http1Server):
     def over_limit(self) -> tuple[int, str, str] | None:
         size = len(self.buf)
         if size > self.limits.max_url_bytes + REQUEST_LINE_EXTRA and not self._has_line_end():
-            limit = self.limits.max_url_bytes
-            return 414, "uri-too-long", f"the request target is longer than {limit} bytes"
+            return 414, REASONS[414], URL_TOO_LONG.format(self.limits.max_url_bytes)
         if size > self.limits.max_header_bytes:
-            limit = self.limits.max_header_bytes
-            return 431, "header-too-large", f"the request head is larger than {limit} bytes"
+            return 431, REASONS[431], HEAD_TOO_LARGE.format(self.limits.max_header_bytes)
         return None
 
     def _has_line_end(self) -> bool:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 
 from keyswap.config.model import RESERVED_PREFIX
-from keyswap.config.secrets import MASK
+from keyswap.config.secrets import mask_tokens
 from keyswap.config.tokens import SHAPE as TOKEN_SHAPE
 from keyswap.gateway import problem
 
@@ -34,7 +34,7 @@ class Router:
         # Flow metadata is saved and shown with the flow: the path as the client sent it,
         # but with anything shaped like a proxy token masked. (Stages that need the raw
         # query read it from the request, which the rewrite stage replaces.)
-        flow.metadata[problem.PATH] = TOKEN_SHAPE.sub(MASK, text) if "ks_" in text else text
+        flow.metadata[problem.PATH] = mask_tokens(text)
         path = text.partition("?")[0]
         if "ks_" in path and TOKEN_SHAPE.search(path):
             message = "a proxy token in the URL path is never forwarded"

@@ -16,8 +16,7 @@ from keyswap.config.model import (
     OAuth2Credential,
     QueryCredential,
 )
-from keyswap.config.secrets import MASK
-from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE
+from keyswap.config.secrets import MASK_BYTES, mask_token_bytes
 from keyswap.config.tokens import TOKEN_HEADERS
 from keyswap.gateway import problem, wire
 from keyswap.net import fields
@@ -25,7 +24,6 @@ from keyswap.net import fields
 if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
 
-MASK_BYTES = MASK.encode()
 ALWAYS_MASKED = frozenset({b"proxy-authorization", *(n.encode() for n in TOKEN_HEADERS)})
 
 
@@ -89,6 +87,5 @@ def mask(flow: http.HTTPFlow) -> None:
         )
         fields.remember(headers.fields, found)
     if any(b"ks_" in v for _, v in headers.fields):
-        headers.fields = tuple((k, TOKEN_SHAPE.sub(MASK_BYTES, v)) for k, v in headers.fields)
-    if b"ks_" in flow.request.data.path:
-        flow.request.data.path = TOKEN_SHAPE.sub(MASK_BYTES, flow.request.data.path)
+        headers.fields = tuple((k, mask_token_bytes(v)) for k, v in headers.fields)
+    flow.request.data.path = mask_token_bytes(flow.request.data.path)

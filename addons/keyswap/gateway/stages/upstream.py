@@ -36,6 +36,7 @@ ABSOLUTE_FORM = "keyswap.absolute_form"
 PROXY_ANSWER = "keyswap.proxy_answer"
 
 Address = tuple[str, int]
+KEYS_KEPT = 1024  # distinct destinations whose keys are kept (full-URL requests vary)
 
 
 @dataclass(frozen=True)
@@ -59,31 +60,13 @@ class ConnectionKey:
 def connection_key(config: Config, target_name: str, request: http.Request) -> ConnectionKey:
     """The key of the server connection a request to this target needs: the one place
     that says what makes two connections different."""
-    if _keys_for[0] is not config or len(_keys) >= KEYS_KEPT:
-        _keys.clear()
-        _keys_for[0] = config
-    found = (target_name, request.scheme, request.host, request.port)
-    key = _keys.get(found)
-    if key is None:
-        key = _keys[found] = _make_key(config, *found)
-    return key
-
-
-# The keys made for the config in use: the same key object for every request to the
-# same destination, so that comparing two keys mostly compares an object with itself.
-KEYS_KEPT = 1024
-_keys: dict[tuple[str, str, str, int], ConnectionKey] = {}
-_keys_for: list[Config | None] = [None]
-
-
-def _make_key(config: Config, target_name: str, scheme: str, host: str, port: int) -> ConnectionKey:
     target = config.targets[target_name]
-    https = scheme == "https"
+    https = request.scheme == "https"
     name = target.upstream_proxy
     return ConnectionKey(
-        address=(host, port),
+        address=(request.host, request.port),
         tls=target.tls if https else None,
-        sni=host if https else None,
+        sni=request.host if https else None,
         upstream_proxy=name,
         proxy=config.upstream_proxies[name] if name is not None else None,
     )
@@ -233,12 +216,27 @@ class UpstreamProxies:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # The keys made for the config in use, by (target, scheme, host, port): the same
+        # key object for every request to a destination, so that comparing two keys
+        # mostly compares an object with itself.
+        self._keys: dict[tuple[str, str, str, int], ConnectionKey] = {}
+        self._keys_for: Config | None = None
+
+    def key(self, flow: http.HTTPFlow) -> ConnectionKey:
+        config, request = self.settings.runtime.config, flow.request
+        if self._keys_for is not config or len(self._keys) >= KEYS_KEPT:
+            self._keys, self._keys_for = {}, config
+        where = (flow.metadata[problem.TARGET], request.scheme, request.host, request.port)
+        found = self._keys.get(where)
+        if found is None:
+            found = self._keys[where] = connection_key(config, where[0], request)
+        return found
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.TARGET not in flow.metadata:
             return
         request = flow.request
-        key = connection_key(self.settings.runtime.config, flow.metadata[problem.TARGET], request)
+        key = self.key(flow)
         if key.upstream_proxy is not None:
             flow.metadata[UPSTREAM] = key.upstream_proxy
         proxy = key.proxy
@@ -250,13 +248,9 @@ class UpstreamProxies:
             if auth := proxy_authorization(proxy):
                 wire.put_header(flow, b"proxy-authorization", auth.encode())
             flow.metadata[ABSOLUTE_FORM] = True
-        # A server connection spec carrying the flow's key: mitmproxy opens one for it or
-        # reuses one made for the same key (see KeyedConnection). The spec a flow inherits
-        # from the one before it on this client connection is kept when its key is equal
-        # (the usual keep-alive case; a new spec per request is a cost of its own).
-        current = flow.server_conn.address
-        if not (isinstance(current, KeyedAddress) and current.key == key):
-            flow.server_conn = server_for(key)
+        # A server connection spec of the flow's own, carrying its key: mitmproxy opens
+        # one for it or reuses one made for the same key (see KeyedConnection).
+        flow.server_conn = server_for(key)
 
     def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
         """Authenticate the CONNECT with the credentials of the proxy the tunnel is for."""
