@@ -17,10 +17,10 @@ from keyswap.gateway.stages.upstream import (
     KeyedConnection,
     UpstreamProxies,
     connection_key,
+    addresses,
     connection_request,
     proxy_answer,
     proxy_made,
-    server_for,
 )
 
 CONFIG = Config.model_validate(
@@ -88,18 +88,14 @@ def key(target: str, url: str = "https://api.example.com/x") -> ConnectionKey:
 
 def made_for(k: ConnectionKey) -> connection.Server:
     """A connection as mitmproxy makes it when asked with this key (an open one)."""
-    spec = server_for(k)
-    server = connection.Server(address=spec.address, via=spec.via)
+    address, via = addresses(k)
+    server = connection.Server(address=address, via=via)
     server.tls = k.tls is not None
     return server
 
 
 def ask(k: ConnectionKey) -> KeyedConnection:
-    flow = tflow.tflow()
-    flow.server_conn = server_for(k)
-    found = connection_request(flow)
-    assert found is not None
-    return found
+    return KeyedConnection.of(k)
 
 
 def test_equal_settings_make_equal_keys() -> None:
@@ -142,17 +138,15 @@ def test_keys_and_credentials() -> None:
 
 
 def test_the_connection_for_each_way_to_a_target() -> None:
-    direct = server_for(key("strict"))
-    assert direct.address == ("api.example.com", 443) and direct.via is None
-    tunnel = server_for(key("via-right"))
-    assert tunnel.address == ("api.example.com", 443)
-    assert tunnel.via == ("http", ("proxy.corp", 3128))
-    assert isinstance(tunnel.via[1], KeyedAddress) and tunnel.via[1].to_proxy
-    absolute = server_for(key("plain-via-right", "http://api.example.com/x"))
-    assert absolute.address == ("proxy.corp", 3128) and absolute.via is None
+    assert addresses(key("strict")) == (("api.example.com", 443), None)
+    address, via = addresses(key("via-right"))
+    assert address == ("api.example.com", 443) and via == ("http", ("proxy.corp", 3128))
+    assert isinstance(via[1], KeyedAddress) and via[1].to_proxy
+    absolute = addresses(key("plain-via-right", "http://api.example.com/x"))
+    assert absolute == (("proxy.corp", 3128), None)
     # an https proxy is always a tunnel, even for a plain-http target
-    secure = server_for(key("plain-via-secure", "http://api.example.com/x"))
-    assert secure.via == ("https", ("proxy.corp", 8443))
+    secure = addresses(key("plain-via-secure", "http://api.example.com/x"))
+    assert secure[1] == ("https", ("proxy.corp", 8443))
 
 
 def test_keyed_address_is_a_plain_address_to_everyone_else() -> None:
@@ -179,15 +173,17 @@ def test_the_upstream_stage_keys_every_granted_flow() -> None:
     # the flow shows the mask; the request written to the proxy carries the credentials
     assert flow.request.headers["proxy-authorization"] == "********"
     assert wire.for_wire(flow, flow.request).headers["proxy-authorization"].startswith("Basic ")
-    address = flow.server_conn.address
-    assert isinstance(address, KeyedAddress) and address.key.upstream_proxy == "right"
+    asked = connection_request(flow)
+    assert asked is not None and asked.key is not None and asked.key.upstream_proxy == "right"
+    assert asked.address == ("proxy.corp", 3128)  # absolute form: the proxy is the peer
+    assert connection_request(tflow.tflow()) is None  # a flow the stage did not key
 
     # the CONNECT of a tunnel carries the credentials of the tunnel's own proxy
     for target, password in (("via-right", "right-pw"), ("via-wrong", "wrong-pw")):
-        spec = server_for(key(target))
-        assert spec.via is not None
+        via = addresses(key(target))[1]
+        assert via is not None
         connect = tflow.tflow()
-        connect.server_conn = connection.Server(address=spec.via[1])
+        connect.server_conn = connection.Server(address=via[1])
         stage.http_connect_upstream(connect)
         sent = connect.request.headers["proxy-authorization"]
         assert base64.b64decode(sent.split()[1]).decode() == f"svc:{password}"

@@ -35,6 +35,7 @@ from keyswap.gateway.stages.upstream import (
     PROXY_ANSWER,
     UPSTREAM,
     KeyedAddress,
+    connect_address,
     connection_request,
     forward_failed,
 )
@@ -197,9 +198,7 @@ def _with_secrets(
                 command.event, RequestHeaders
             ):
                 flow = getattr(stream, "flow", None)
-                command.event = dataclasses.replace(
-                    command.event, request=wire.for_wire(flow, command.event.request)
-                )
+                command.event.request = wire.for_wire(flow, command.event.request)
             reply = yield command
             command = commands.send(reply)
     except StopIteration:
@@ -270,7 +269,7 @@ class Failures:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.TARGET not in flow.metadata:
             return
-        self._connecting[(flow.client_conn.id, _connect_address(flow))] = flow
+        self._connecting[(flow.client_conn.id, connect_address(flow))] = flow
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address is None:
@@ -316,7 +315,7 @@ class Failures:
             return
         # The transports of this flow's connection: the connection itself or, through a
         # CONNECT tunnel, the one to the proxy. mitmproxy makes each from the very address
-        # object the flow's connection names (upstream.server_for), so identity finds
+        # object the flow's connection names (upstream.addresses), so identity finds
         # them, and never another connection to the same address.
         server = flow.server_conn
         hops = [server.address, server.via[1] if server.via else None]
@@ -337,12 +336,6 @@ class Failures:
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         self._deadlines.pop(flow.id, None)
-        key = (flow.client_conn.id, _connect_address(flow))
+        key = (flow.client_conn.id, connect_address(flow))
         if self._connecting.get(key) is flow:
             del self._connecting[key]
-
-
-def _connect_address(flow: http.HTTPFlow) -> Address:
-    """The address the gateway opens a TCP connection to for this flow."""
-    via = flow.server_conn.via
-    return via[1] if via else (flow.request.host, flow.request.port)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import re
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,15 +96,17 @@ class KeyedAddress(tuple[str, int]):
         return (KeyedAddress, (self[0], self[1], self.key, self.to_proxy))
 
 
-def server_for(key: ConnectionKey) -> connection.Server:
-    """The server connection a flow with this key asks mitmproxy for."""
+def addresses(key: ConnectionKey) -> tuple[KeyedAddress, tuple[str, KeyedAddress] | None]:
+    """What mitmproxy is asked to connect to for this key: the address, and the
+    upstream proxy hop of a CONNECT tunnel (None when there is none). Fresh objects per
+    flow: a timed-out flow's transports are found by their identity (failures.py)."""
     target = KeyedAddress(*key.address, key)
     if key.proxy is None:
-        return connection.Server(address=target)
+        return target, None
     proxy = KeyedAddress(key.proxy.host, key.proxy.port, key, to_proxy=True)
     if key.absolute_form:
-        return connection.Server(address=proxy)
-    return connection.Server(address=target, via=(key.proxy.type, proxy))
+        return proxy, None
+    return target, (key.proxy.type, proxy)
 
 
 @dataclass(eq=False)  # keeps GetHttpConnection's identity hash: mitmproxy maps replies by it
@@ -114,6 +117,11 @@ class KeyedConnection(GetHttpConnection):
 
     key: ConnectionKey | None = None
 
+    @classmethod
+    def of(cls, key: ConnectionKey) -> KeyedConnection:
+        address, via = addresses(key)
+        return cls(address=address, tls=key.tls is not None, via=via, key=key)
+
     def connection_spec_matches(self, conn: connection.Connection) -> bool:
         return (
             super().connection_spec_matches(conn)
@@ -123,20 +131,25 @@ class KeyedConnection(GetHttpConnection):
         )
 
 
+# flow -> the key of the connection it needs, set by the upstream stage. Beside the
+# flow rather than on it: a flow's fields are saved and shown, and a key holds the
+# proxy's credentials. Dropped with the flow.
+_flow_keys: weakref.WeakKeyDictionary[http.HTTPFlow, ConnectionKey] = weakref.WeakKeyDictionary()
+
+
 def connection_request(flow: http.HTTPFlow) -> KeyedConnection | None:
     """The request for the flow's server connection, when the upstream stage keyed it."""
-    server = flow.server_conn
-    address = server.address
-    if not isinstance(address, KeyedAddress):
-        return None
-    key = address.key
-    return KeyedConnection(
-        address=address,
-        tls=key.tls is not None,
-        via=server.via,
-        transport_protocol=server.transport_protocol,
-        key=key,
-    )
+    key = _flow_keys.get(flow)
+    return KeyedConnection.of(key) if key is not None else None
+
+
+def connect_address(flow: http.HTTPFlow) -> Address:
+    """The address the gateway opens a TCP connection to for this flow: its upstream
+    proxy's, or the target's."""
+    key = _flow_keys.get(flow)
+    if key is not None and key.proxy is not None:
+        return key.proxy.host, key.proxy.port
+    return flow.request.host, flow.request.port
 
 
 def proxy_authorization(proxy: UpstreamProxy) -> str | None:
@@ -248,9 +261,9 @@ class UpstreamProxies:
             if auth := proxy_authorization(proxy):
                 wire.put_header(flow, b"proxy-authorization", auth.encode())
             flow.metadata[ABSOLUTE_FORM] = True
-        # A server connection spec of the flow's own, carrying its key: mitmproxy opens
-        # one for it or reuses one made for the same key (see KeyedConnection).
-        flow.server_conn = server_for(key)
+        # mitmproxy opens a connection for the key or reuses one made for the same key
+        # (see KeyedConnection and GatewayStream.make_server_connection).
+        _flow_keys[flow] = key
 
     def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
         """Authenticate the CONNECT with the credentials of the proxy the tunnel is for."""
