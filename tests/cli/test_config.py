@@ -61,3 +61,19 @@ def test_config_defaults_to_env(write_config, monkeypatch: pytest.MonkeyPatch) -
 def test_schema_file_matches_the_model() -> None:
     committed = (ROOT / "config" / "keyswap.schema.json").read_text().strip()
     assert committed == schema_json(), "run: keyswap schema > config/keyswap.schema.json"
+
+
+def test_check_names_unused_targets_credentials_and_upstream_proxies(write_config) -> None:
+    path = write_config(
+        "upstream_proxies:\n  corp: { host: proxy.example, port: 3128 }\n"
+        "credentials:\n  k: { type: bearer, token: '${env:HOME}' }\n"
+        "targets:\n  t: { base_url: 'https://x.example', credential: k, upstream_proxy: corp }\n"
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {path}:6: targets.t: no proxy uses this target\n" in result.output
+    assert f"warning: {path}:4: credentials.k: used only by unused target 't'\n" in result.output
+    assert (
+        f"warning: {path}:2: upstream_proxies.corp: used only by unused target 't'\n"
+        in result.output
+    )

@@ -256,3 +256,238 @@ def test_only_an_edit_under_the_lock_can_be_saved(config: Path) -> None:
     with pytest.raises(RuntimeError, match="outside the lock"):
         edit.save()
     assert "description: locked" in config.read_text()
+
+
+def audit_rows(config: Path) -> list[tuple[str, str, str]]:
+    """(action, resource, detail) of every audit row; none when there is no database."""
+    if not (config.parent / "keyswap.db").exists():
+        return []
+    conn = sqlite3.connect(config.parent / "keyswap.db")
+    try:
+        return list(conn.execute("select action, resource, detail from audit order by id"))
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def stamp(path: Path) -> tuple[int, bytes]:
+    return path.stat().st_mtime_ns, path.read_bytes()
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The configs a command looked for running gateways of, to wait for them."""
+    asked: list[Path] = []
+
+    def live_gateways(db: Path, config: Path) -> list[dict[str, object]]:
+        asked.append(config)
+        return []
+
+    monkeypatch.setattr("keyswap.cli.proxies.live_gateways", live_gateways)
+    return asked
+
+
+def test_yaml_1_2_words_round_trip_as_ids_and_values(config: Path) -> None:
+    """`off`, `on`, `yes`, `no`, `y`, `n`: written unquoted by the editor, read back as the
+    same strings (YAML 1.1 read most of them as booleans)."""
+    args = ("--name", "on", "--description", "yes", "--route", "/api/off")
+    created = run(config, "proxies", "create", "off", "--target", "stripe", *args)
+    assert created.exit_code == 0, created.output
+    assert run(config, "proxies", "create", "y", "--target", "stripe", "--name", "n").exit_code == 0
+    edited = run(config, "proxies", "edit", "billing", "--name", "no", "--description", "off")
+    assert edited.exit_code == 0, edited.output
+    text = config.read_text()
+    assert "\n  off:\n    target: stripe\n" in text
+    assert "\n    name: on\n    description: yes\n    routes: [/api/off]\n" in text
+    assert "\n  y:\n" in text and "name: n\n" in text and "name: no\n" in text
+    rows = {r["id"]: r for r in json.loads(run(config, "proxies", "list", "--json").output)}
+    assert (rows["off"]["name"], rows["off"]["description"]) == ("on", "yes")
+    assert (rows["y"]["name"], rows["billing"]["name"]) == ("n", "no")
+    assert rows["billing"]["description"] == "off"
+    assert run(config, "proxies", "edit", "off", "--name", "off").exit_code == 0
+    assert run(config, "proxies", "disable", "off").exit_code == 0
+    shown = run(config, "proxies", "show", "off")
+    assert shown.output.startswith("off: off - yes\n  status:      disabled\n"), shown.output
+    check = run(config, "check")
+    assert check.exit_code == 0 and "  off: /api/off -> stripe" in check.output
+    assert run(config, "proxies", "delete", "off", "--yes").exit_code == 0
+    assert "off" not in json.loads(run(config, "proxies", "list", "--json").output)
+
+
+@pytest.mark.parametrize(
+    ("first", "again", "says"),
+    [
+        (("disable", "billing"), ("disable", "billing"), "proxy 'billing' is already disabled"),
+        ((), ("enable", "billing"), "proxy 'billing' is already active"),
+        (
+            ("edit", "billing", "--name", "Billing", "--method", "get"),
+            ("edit", "billing", "--name", "Billing", "--method", "GET"),
+            "proxy 'billing' already has name 'Billing', methods [GET]",
+        ),
+    ],
+)
+def test_a_change_that_changes_nothing_says_so_and_writes_nothing(
+    config: Path, waits: list[Path], first: tuple[str, ...], again: tuple[str, ...], says: str
+) -> None:
+    if first:
+        assert run(config, "proxies", *first).exit_code == 0
+    rows, before, asked = audit_rows(config), stamp(config), len(waits)
+    result = run(config, "proxies", *again)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{says}: unchanged\n"
+    assert stamp(config) == before  # not even re-laid out
+    assert audit_rows(config) == rows
+    assert len(waits) == asked  # no wait for gateways to load a change that was not made
+
+
+def test_a_real_change_waits_for_gateways(config: Path, waits: list[Path]) -> None:
+    assert run(config, "proxies", "disable", "billing").exit_code == 0
+    assert waits == [config]
+
+
+DRY_RUNS = [
+    ("create", "ops", "--target", "stripe", "--name", "Ops"),
+    ("create", "pay", "--template", "stripe"),
+    ("edit", "billing", "--name", "Billing jobs", "--method", "GET"),
+    ("disable", "billing"),
+    ("enable", "billing"),  # after a real disable, below
+    ("rotate-token", "billing"),
+    ("delete", "billing"),
+    ("delete", "crm-prod", "--prune"),
+]
+
+
+@pytest.mark.parametrize("args", DRY_RUNS, ids=lambda a: " ".join(a[:3]))
+def test_dry_run_prints_a_diff_and_writes_nothing(
+    config: Path, waits: list[Path], args: tuple[str, ...]
+) -> None:
+    if args[0] == "enable":
+        assert run(config, "proxies", "disable", "billing").exit_code == 0
+    rows, before, asked = audit_rows(config), stamp(config), len(waits)
+    env = {"STRIPE_SECRET_KEY": "sk_x"}
+    result = run(config, "proxies", *args, "--dry-run", env=env)  # never asks to confirm
+    assert result.exit_code == 0, result.output
+    action, pid = args[0], args[1]
+    assert f"--- {config}\n+++ {config} ({action} proxies.{pid}, dry run)\n@@ " in result.output
+    assert f"dry run: the change is valid; nothing was written to {config}\n" in result.output
+    assert stamp(config) == before
+    assert audit_rows(config) == rows and len(waits) == asked
+    assert not list(config.parent.glob(".keyswap.yaml.*.tmp"))
+    assert ": written to" not in result.output and "store it now" not in result.output
+
+
+def test_dry_run_shows_the_lines_that_change(config: Path) -> None:
+    result = run(config, "proxies", "disable", "billing", "--dry-run")
+    diff = [line for line in result.output.splitlines() if line[:1] in "+-"]
+    assert diff[2:] == ["+    active: false"]
+    assert "note: writing also re-lays out 17 other lines" in result.output  # `{ a: b }`
+    assert run(config, "proxies", "disable", "billing").exit_code == 0  # the file as written
+    again = run(config, "proxies", "enable", "billing", "--dry-run")
+    diff = [line for line in again.output.splitlines() if line[:1] in "+-"]
+    assert diff[2:] == ["-    active: false", "+    active: true"]
+    assert "note:" not in again.output
+
+
+def test_dry_run_of_rotate_token_shows_no_token_nor_its_digest(config: Path) -> None:
+    result = run(config, "proxies", "rotate-token", "billing", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "ks_" not in result.output
+    added = [line for line in result.output.splitlines() if line.startswith("+ ")]
+    assert len(added) == 1 and "sha256: <sha256 of the new token>," in added[0], added
+    assert re.search(r"[0-9a-f]{64}", added[0]) is None
+    assert (
+        "token jobs: a new token is made and shown once when run without --dry-run" in result.output
+    )
+
+
+def test_dry_run_of_an_invalid_change_fails_like_the_change(config: Path) -> None:
+    before = stamp(config)
+    result = run(config, "proxies", "edit", "billing", "--target", "nowhere", "--dry-run")
+    assert result.exit_code == 1
+    assert "target 'nowhere' is not defined" in result.output
+    assert "the change would make the config invalid; nothing was written" in result.output
+    assert stamp(config) == before
+
+
+def test_delete_prune_removes_what_only_that_proxy_used(config: Path) -> None:
+    env = {"STRIPE_SECRET_KEY": "sk_x"}
+    assert run(config, "proxies", "create", "pay", "--template", "stripe", env=env).exit_code == 0
+    pruned = run(config, "proxies", "delete", "pay", "--prune", "--yes", "--actor", "ada")
+    assert pruned.exit_code == 0, pruned.output
+    assert (
+        "  pruned: removed target 'pay', credential 'pay', which only proxy 'pay' used\n"
+        in pruned.output
+    )
+    assert "STRIPE_SECRET_KEY" not in config.read_text()
+    check = run(config, "check")  # the template's variable is not set: nothing needs it
+    assert check.exit_code == 0, check.output
+    assert audit_rows(config)[-3:] == [
+        (
+            "delete",
+            "proxies.pay",
+            '{"pruned": ["targets.pay", "credentials.pay"], "target": "pay"}',
+        ),
+        ("delete", "targets.pay", '{"pruned_with": "proxies.pay"}'),
+        ("delete", "credentials.pay", '{"pruned_with": "proxies.pay"}'),
+    ]
+
+
+def test_delete_prune_removes_an_upstream_proxy_and_an_emptied_section(config: Path) -> None:
+    result = run(config, "proxies", "delete", "crm-prod", "--prune", "--yes")
+    assert result.exit_code == 0, result.output
+    assert (
+        "removed target 'hubspot', credential 'hubspot', upstream proxy 'corporate', which"
+        " only proxy 'crm-prod' used"
+    ) in result.output
+    text = config.read_text()
+    assert "hubspot" not in text and "corporate" not in text
+    assert "upstream_proxies" not in text  # it held only `corporate`
+    assert "# target credentials (secrets)" in text  # the other sections keep their comments
+    assert run(config, "check").exit_code == 0
+
+
+def test_delete_prune_never_removes_what_another_proxy_uses(config: Path) -> None:
+    assert run(config, "proxies", "create", "jobs2", "--target", "stripe").exit_code == 0
+    result = run(config, "proxies", "delete", "billing", "--prune", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "  kept target 'stripe': used by proxy 'jobs2'\n" in result.output
+    assert "pruned" not in result.output
+    text = config.read_text()
+    assert "  stripe:\n" in text and "stripe-key:" in text
+    assert audit_rows(config)[-1] == (
+        "delete",
+        "proxies.billing",
+        '{"pruned": [], "target": "stripe"}',
+    )
+
+
+def test_delete_prune_keeps_a_credential_another_target_uses(config: Path) -> None:
+    env = {"STRIPE_KEY": "sk_x"}
+    created = run(config, "proxies", "create", "pay", "--target", "stripe")
+    assert created.exit_code == 0
+    with editing(str(config)) as edit:  # a second target with the same credential
+        edit.section("targets")["stripe2"] = {
+            "base_url": "https://api2.example",
+            "credential": "stripe-key",
+        }
+        edit.doc["proxies"]["pay"]["target"] = "stripe2"
+        edit.save()
+    result = run(config, "proxies", "delete", "pay", "--prune", "--yes", env=env)
+    assert result.exit_code == 0, result.output
+    assert "removed target 'stripe2', which only proxy 'pay' used" in result.output
+    assert "  kept credential 'stripe-key': used by target 'stripe'\n" in result.output
+
+
+def test_check_warns_about_what_a_deleted_proxy_left_behind(config: Path) -> None:
+    env = {"STRIPE_SECRET_KEY": "sk_x"}
+    assert run(config, "proxies", "create", "pay", "--template", "stripe", env=env).exit_code == 0
+    assert run(config, "proxies", "delete", "pay", "--yes", env=env).exit_code == 0
+    stuck = run(config, "check")  # what --prune avoids: a credential nothing uses stops it all
+    assert stuck.exit_code == 1 and "credentials.pay.token: environment variable" in stuck.output
+    check = run(config, "check", env=env)
+    assert check.exit_code == 0, check.output
+    assert f"warning: {config}:" in check.output
+    assert ": targets.pay: no proxy uses this target\n" in check.output
+    assert ": credentials.pay: used only by unused target 'pay'\n" in check.output
+    assert ": credentials.legacy: no target uses this credential\n" in check.output

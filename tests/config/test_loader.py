@@ -173,3 +173,76 @@ def test_source_watches_secret_files(write_config, tmp_path: Path) -> None:
     assert reloaded is not None
     token = reloaded.config.credentials["key"].token
     assert token.get_secret_value() == "two"
+
+
+YAML11_WORDS = (
+    """\
+version: 1
+params:
+  dev: { mode: off, flag: yes }
+credentials:
+  on: { type: header, name: x-mode, value: "${mode}" }
+targets:
+  no: { base_url: "https://api.example.com", credential: on }
+proxies:
+  off:
+    name: on
+    description: y
+    target: no
+    active: true
+    environments: [dev, n]
+    request_headers: { set: { x-flag: "${flag}", x-off: off } }
+    tokens: [{ id: yes, sha256: %s }]
+"""
+    % DIGEST
+)
+
+
+def test_yaml_1_2_off_no_on_yes_are_strings_as_keys_and_values(write_config) -> None:
+    config = load_config(write_config(YAML11_WORDS), {}).config
+    proxy = config.proxies["off"]
+    assert (proxy.name, proxy.description, proxy.target) == ("on", "y", "no")
+    assert proxy.active is True and proxy.environments == ["dev", "n"]
+    assert proxy.request_headers.set == {"x-flag": "yes", "x-off": "off"}
+    assert proxy.tokens[0].id == "yes"
+    assert config.targets["no"].credential == "on"
+    assert config.params["dev"] == {"mode": "off", "flag": "yes"}
+
+
+def test_keys_yaml_reads_as_other_types_are_refused_with_their_line(write_config) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config("version: 1\nproxies:\n  off: {target: t}\n  true: {}\n"), {})
+    assert [str(p).split("keyswap.yaml:")[1] for p in e.value.problems] == [
+        "4: proxies.true: YAML reads this key as a bool; quote it: 'true'"
+    ]
+
+
+UNUSED = (
+    """\
+version: 1
+upstream_proxies:
+  corp: { host: proxy.example, port: 3128 }
+  spare: { host: spare.example, port: 3128 }
+credentials:
+  used: { type: bearer, token: "${env:API_KEY}" }
+  orphan: { type: bearer, token: "${env:API_KEY}" }
+  behind-orphan: { type: bearer, token: "${env:API_KEY}" }
+targets:
+  api: { base_url: "https://api.example.com", credential: used }
+  left-over: { base_url: "https://old.example.com", credential: behind-orphan, upstream_proxy: corp }
+proxies:
+  p: { target: api, tokens: [{ id: web, sha256: %s }] }
+"""
+    % DIGEST
+)
+
+
+def test_unused_targets_credentials_and_upstream_proxies_are_warnings(write_config) -> None:
+    loaded = load_config(write_config(UNUSED), ENV)
+    assert [str(w).split("keyswap.yaml:")[1] for w in loaded.warnings] == [
+        "11: targets.left-over: no proxy uses this target",
+        "7: credentials.orphan: no target uses this credential",
+        "8: credentials.behind-orphan: used only by unused target 'left-over'",
+        "3: upstream_proxies.corp: used only by unused target 'left-over'",
+        "4: upstream_proxies.spare: no target uses this upstream proxy",
+    ]

@@ -84,3 +84,50 @@ def test_reload_keeps_the_old_config_and_tells_listeners(tmp_path: Path) -> None
         settings.reload()
         assert settings.runtime is not first and seen[-1] == (True, [])
         assert settings.runtime.routes.match("/api/q") is not None
+
+
+@pytest.mark.parametrize(
+    ("mode", "host", "port", "changes"),
+    [
+        ("reverse:http://unused.invalid@9000", "", None, {"listen_port": 9000}),
+        ("reverse:http://unused.invalid@127.0.0.2:9000", "127.0.0.2", 9000, {}),
+        (
+            "reverse:http://unused.invalid@[::1]:9000",
+            "127.0.0.1",
+            8080,
+            {"listen_host": "[::1]", "listen_port": 9000},  # as mitmproxy reads the mode
+        ),
+        ("reverse:http://unused.invalid", "127.0.0.1", 9000, {}),  # the options say it
+        ("nonsense:", "", None, {}),
+    ],
+)
+def test_mitmweb_s_status_bar_shows_the_listen_address(
+    mode: str, host: str, port: int | None, changes: dict[str, object]
+) -> None:
+    from keyswap.gateway.settings import listen_options
+
+    assert listen_options([mode], host, port) == changes
+
+
+def test_the_listen_options_follow_the_mode() -> None:
+    settings = Settings()
+    with taddons.context(Proxyserver(), settings) as tctx:
+        tctx.configure(settings, mode=["reverse:http://unused.invalid@127.0.0.1:9123"])
+        assert (tctx.options.listen_host, tctx.options.listen_port) == ("127.0.0.1", 9123)
+
+
+def test_mitmweb_shows_the_decision_column_unless_columns_were_chosen() -> None:
+    from mitmproxy.tools.web.webaddons import WebAddon
+
+    from keyswap.gateway.settings import with_decision_column
+
+    default = ["tls", "icon", "path", "method", "status", "size", "time"]
+    assert with_decision_column(default) == [*default[:5], "comment", *default[5:]]
+    assert with_decision_column(["path", "comment"]) == ["path", "comment"]
+    settings, web = Settings(), WebAddon()
+    with taddons.context(Proxyserver(), web, settings) as tctx:
+        tctx.configure(settings, mode=REVERSE)  # the first configure sees every option
+        settings.configure({"web_columns"})
+        assert "comment" in tctx.options.web_columns
+        tctx.configure(settings, web_columns=["path", "status"])  # the user's choice
+        assert tctx.options.web_columns == ["path", "status"]

@@ -1,5 +1,5 @@
 """`keyswap test`, `code` and `export`: what a proxy's callers need (a test request through
-a running gateway, a code snippet, a deployable bundle)."""
+a running gateway, a code snippet (keyswap.cli.snippets), a deployable bundle)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import click
 import httpx
 from ruamel.yaml.comments import CommentedMap
 
-from keyswap.cli.options import config_option, default_db, load_or_fail
+from keyswap.cli import snippets
+from keyswap.cli.options import config_option, default_db, json_option, load_or_fail, print_json
 from keyswap.cli.proxies import proxy_or_fail, proxy_urls
 from keyswap.config.edit import dump, read_document
 from keyswap.config.substitution import is_indirect
@@ -23,7 +24,10 @@ def _gateway_url(url: str | None, config_path: str) -> str:
     if url:
         return url.rstrip("/")
     running = live_gateways(default_db(config_path), Path(config_path))
-    return str(running[0]["url"]) if running else "http://127.0.0.1:8080"
+    return str(running[0]["url"]) if running else _LOCAL
+
+
+_LOCAL = "http://127.0.0.1:8080"
 
 
 @click.command("test")
@@ -36,6 +40,7 @@ def _gateway_url(url: str | None, config_path: str) -> str:
     "--url", help="The gateway [default: a running one on this config, else http://127.0.0.1:8080]."
 )
 @click.option("--token", envvar="KEYSWAP_TOKEN", help="A proxy token [default: $KEYSWAP_TOKEN].")
+@json_option
 def test_proxy(
     config_path: str,
     pid: str,
@@ -44,8 +49,10 @@ def test_proxy(
     data: str | None,
     url: str | None,
     token: str | None,
+    as_json: bool,
 ) -> None:
-    """Send a request through a running gateway and show what it decided.
+    """Send a request through a running gateway and show what it decided; exit 1 when
+    the gateway did not grant it.
 
     \b
     Example:
@@ -64,77 +71,103 @@ def test_proxy(
     except httpx.HTTPError as e:
         raise click.ClickException(f"no answer from the gateway at {full}: {e}") from None
     ms = (time.perf_counter() - started) * 1000
-    code = r.headers.get("keyswap-proxy-code", "(none)")
-    click.echo(f"{method.upper()} {full}")
-    click.echo(f"status   {r.status_code} {r.reason_phrase}  ({ms:.0f} ms)")
-    click.echo(f"code     {code}")
-    click.echo(f"message  {r.headers.get('keyswap-proxy-message', '')}")
-    click.echo(f"request  {r.headers.get('keyswap-request-id', '')}")
-    for name, value in r.headers.items():
-        click.echo(f"  {name}: {value}")
+    code = r.headers.get("keyswap-proxy-code")
+    if as_json:
+        print_json(
+            {
+                "proxy": pid,
+                "method": method.upper(),
+                "url": full,
+                "status": r.status_code,
+                "reason": r.reason_phrase,
+                "ms": round(ms, 1),
+                "proxy_code": code,
+                "message": r.headers.get("keyswap-proxy-message"),
+                "request_id": r.headers.get("keyswap-request-id"),
+                "headers": dict(r.headers.items()),
+            }
+        )
+    else:
+        click.echo(f"{method.upper()} {full}")
+        click.echo(f"status   {r.status_code} {r.reason_phrase}  ({ms:.0f} ms)")
+        click.echo(f"code     {code or '(none)'}")
+        click.echo(f"message  {r.headers.get('keyswap-proxy-message', '')}")
+        click.echo(f"request  {r.headers.get('keyswap-request-id', '')}")
+        for name, value in r.headers.items():
+            click.echo(f"  {name}: {value}")
     if code != "proxy-access-granted":
-        raise click.ClickException(f"the gateway did not grant the request ({code})")
-
-
-SNIPPETS = {
-    "curl": 'curl -sS "{url}" -H "Authorization: Bearer ${{KEYSWAP_TOKEN}}"\n',
-    "python": (
-        "import os\n\nimport httpx\n\n"
-        'response = httpx.get(\n    "{url}",\n'
-        '    headers={{"Authorization": f"Bearer {{os.environ[\'KEYSWAP_TOKEN\']}}"}},\n)\n'
-        'print(response.status_code, response.headers.get("keyswap-proxy-code"))\n'
-        "print(response.text)\n"
-    ),
-    "javascript": (
-        'const response = await fetch("{url}", {{\n'
-        "  headers: {{ Authorization: `Bearer ${{process.env.KEYSWAP_TOKEN}}` }},\n}});\n"
-        'console.log(response.status, response.headers.get("keyswap-proxy-code"));\n'
-        "console.log(await response.text());\n"
-    ),
-    "go": (
-        'package main\n\nimport (\n\t"fmt"\n\t"io"\n\t"net/http"\n\t"os"\n)\n\n'
-        "func main() {{\n"
-        '\treq, _ := http.NewRequest("GET", "{url}", nil)\n'
-        '\treq.Header.Set("Authorization", "Bearer "+os.Getenv("KEYSWAP_TOKEN"))\n'
-        "\tresp, err := http.DefaultClient.Do(req)\n\tif err != nil {{\n\t\tpanic(err)\n\t}}\n"
-        "\tdefer resp.Body.Close()\n\tbody, _ := io.ReadAll(resp.Body)\n"
-        '\tfmt.Println(resp.StatusCode, resp.Header.Get("keyswap-proxy-code"))\n'
-        "\tfmt.Println(string(body))\n}}\n"
-    ),
-}
+        raise click.ClickException(f"the gateway did not grant the request ({code or '(none)'})")
 
 
 @click.command("code")
 @config_option
 @click.argument("pid", metavar="ID")
-@click.option("--lang", type=click.Choice(sorted(SNIPPETS)), default="curl", show_default=True)
-@click.option("--path", default="/", show_default=True, help="Path after the proxy's route.")
+@click.option("--lang", type=click.Choice(snippets.LANGS), default="curl", show_default=True)
+@click.option(
+    "--path", help="Path after the proxy's route [default: one its template or rules allow]."
+)
+@click.option("--method", help="HTTP method [default: one the proxy allows for the path].")
 @click.option(
     "--url", help="The gateway's base URL [default: public_base_url, else http://127.0.0.1:8080]."
 )
-def code(config_path: str, pid: str, lang: str, path: str, url: str | None) -> None:
-    """Print a ready-to-paste snippet that calls the proxy; the token comes from
-    $KEYSWAP_TOKEN, never from the snippet.
+@json_option
+def code(
+    config_path: str,
+    pid: str,
+    lang: str,
+    path: str | None,
+    method: str | None,
+    url: str | None,
+    as_json: bool,
+) -> None:
+    """Print a ready-to-paste snippet that calls the proxy: the official SDK of its template
+    (openai, anthropic, stripe) where it can take keyswap's URL, else a plain HTTP call,
+    to a path the proxy's rules allow. The token comes from $KEYSWAP_TOKEN, never from the
+    snippet.
 
     \b
     Example:
       keyswap code crm-prod --lang python --path /crm/v3/owners
     """
     config = load_or_fail(config_path).config
-    proxy_or_fail(config, pid)
+    proxy = proxy_or_fail(config, pid)
     route = config.routes_of(pid)[0]
     public = proxy_urls(config, pid)
-    base = (
-        url.rstrip("/") + route if url else public[0] if public else "http://127.0.0.1:8080" + route
-    )
-    click.echo(SNIPPETS[lang].format(url=base + "/" + path.lstrip("/")), nl=False)
+    base = url.rstrip("/") + route if url else public[0] if public else _LOCAL + route
+    if path is not None and not path.startswith("/"):
+        path = "/" + path
+    call, sdk = snippets.choose(proxy, method, path)
+    allowed = snippets.allows(proxy, call.method, call.path)
+    if not allowed:
+        click.echo(
+            f"warning: proxy '{pid}' refuses {call.method} {call.path} (its methods or rules);"
+            " the gateway will answer 403 or 405",
+            err=True,
+        )
+    text = snippets.snippet(lang, base, call, sdk)
+    if as_json:
+        print_json(
+            {
+                "proxy": pid,
+                "lang": lang,
+                "method": call.method,
+                "path": call.path,
+                "url": base + call.path,
+                "sdk": proxy.template if sdk is not None and sdk.speaks(lang) else None,
+                "allowed": allowed,
+                "snippet": text,
+            }
+        )
+    else:
+        click.echo(text, nl=False)
 
 
 @click.command("export")
 @config_option
 @click.argument("pid", metavar="ID")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write.")
-def export(config_path: str, pid: str, out: str) -> None:
+@json_option
+def export(config_path: str, pid: str, out: str, as_json: bool) -> None:
     """Write a folder that hosts one proxy on its own: its config (secrets as ${env:...}),
     a run script, a systemd unit and a README.
 
@@ -195,9 +228,11 @@ def export(config_path: str, pid: str, out: str) -> None:
         + "\nCheck the folder with `keyswap check --config keyswap.yaml`. The proxy tokens are\n"
         "stored as digests; rotate them with `keyswap proxies rotate-token`.\n"
     )
-    click.echo(
-        f"exported proxy '{pid}' to {folder}: keyswap.yaml, run.sh, keyswap.service, README.md"
-    )
+    files = ["keyswap.yaml", "run.sh", "keyswap.service", "README.md"]
+    if as_json:
+        print_json({"proxy": pid, "out": str(folder), "files": files, "env": needed})
+        return
+    click.echo(f"exported proxy '{pid}' to {folder}: {', '.join(files)}")
     click.echo("environment variables to set: " + ", ".join(needed))
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from contextlib import closing
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from keyswap.cli.options import config_option, default_db, load_or_fail
-from keyswap.config.loader import LoadedConfig
+from keyswap.cli.options import config_option, default_db, json_option, load_or_fail, print_json
+from keyswap.config.loader import ConfigError, LoadedConfig, load_config
 from keyswap.config.model import OAuth2Credential, json_schema
 from keyswap.state.store import open_db
 
@@ -19,7 +20,8 @@ from keyswap.state.store import open_db
 @config_option
 @click.option("--live", is_flag=True, help="Also report oauth2 token state from the database.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), help="State database (--live).")
-def check(config_path: str, live: bool, db_path: str | None) -> None:
+@json_option
+def check(config_path: str, live: bool, db_path: str | None, as_json: bool) -> None:
     """Validate a config file: a summary and exit 0, or every error and exit 1.
 
     With --live, also show each oauth2 credential's token state as the gateway last
@@ -29,6 +31,9 @@ def check(config_path: str, live: bool, db_path: str | None) -> None:
     Example:
       keyswap check --config config/keyswap.yaml --live
     """
+    if as_json:
+        check_json(config_path, db_path or str(default_db(config_path)) if live else None)
+        return
     loaded = load_or_fail(config_path)
     for warning in loaded.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -54,6 +59,66 @@ def oauth2_state(loaded: LoadedConfig, db_path: str) -> None:
             broken += [name] if state["terminal"] else []
         else:
             click.echo(f"  oauth2 {name}: token valid until {state['expires_at']}")
+    if broken:
+        raise click.ClickException(f"oauth2 credentials need attention: {', '.join(broken)}")
+
+
+def check_json(config_path: str, live_db: str | None) -> None:
+    """`check --json`: one document, also for an invalid file (then exit 1)."""
+    try:
+        loaded = load_config(config_path)
+    except ConfigError as e:
+        errors = [asdict(p) for p in e.problems]
+        print_json({"path": config_path, "valid": False, "errors": errors})
+        n = len(errors)
+        raise click.ClickException(
+            f"{config_path} is invalid ({n} error{'s' * (n != 1)})"
+        ) from None
+    c = loaded.config
+    document: dict[str, Any] = {
+        "path": str(loaded.path),
+        "valid": True,
+        "digest": loaded.digest,
+        "environment": c.environment,
+        "region": c.region,
+        "warnings": [asdict(w) for w in loaded.warnings],
+        "proxies": [
+            {
+                "id": pid,
+                "routes": c.routes_of(pid),
+                "target": proxy.target,
+                "base_url": c.targets[proxy.target].base_url,
+                "upstream_proxy": c.targets[proxy.target].upstream_proxy,
+                "active": proxy.active,
+                "served": c.serves(pid),
+            }
+            for pid, proxy in c.proxies.items()
+        ],
+        "counts": {
+            "upstream_proxies": len(c.upstream_proxies),
+            "credentials": len(c.credentials),
+            "targets": len(c.targets),
+            "proxies": len(c.proxies),
+        },
+    }
+    broken = []
+    if live_db is not None:
+        states: dict[str, dict[str, Any]] = {}
+        if Path(live_db).exists():
+            with closing(open_db(live_db)) as db:
+                states = {r["credential"]: r for r in db["oauth2_tokens"].rows}
+        names = [n for n, cred in c.credentials.items() if isinstance(cred, OAuth2Credential)]
+        document["oauth2"] = [
+            {
+                "credential": name,
+                "expires_at": states.get(name, {}).get("expires_at"),
+                "error": states.get(name, {}).get("error"),
+                "terminal": bool(states.get(name, {}).get("terminal")),
+            }
+            for name in names
+        ]
+        broken = [o["credential"] for o in document["oauth2"] if o["error"] and o["terminal"]]
+    print_json(document)
     if broken:
         raise click.ClickException(f"oauth2 credentials need attention: {', '.join(broken)}")
 

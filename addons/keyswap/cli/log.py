@@ -3,10 +3,9 @@ trail (a thin layer over `keyswap.state.queries`)."""
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import closing
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from sqlite_utils import Database
@@ -15,7 +14,9 @@ from keyswap.cli.options import (
     config_option,
     db_option,
     fail_on_value_error,
+    json_option,
     open_log,
+    print_json,
     since_option,
     table,
 )
@@ -32,6 +33,8 @@ LOG_COLUMNS = [
     "duration_ms",
     "path",
 ]
+# The gateway writes rows every quarter second; twice that is soon enough to show them.
+POLL_S = 0.5
 
 
 @click.command()
@@ -44,8 +47,8 @@ LOG_COLUMNS = [
 )
 @since_option("Only rows since then")
 @click.option("--limit", default=50, show_default=True, help="At most this many rows.")
-@click.option("--follow", is_flag=True, help="Keep printing new rows (Ctrl-C stops).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--follow", is_flag=True, help="Then print rows as they are written (Ctrl-C stops).")
+@json_option
 def logs(
     config_path: str,
     db_path: str | None,
@@ -57,55 +60,51 @@ def logs(
     follow: bool,
     as_json: bool,
 ) -> None:
-    """Show the activity log, newest last.
+    """Show the newest rows of the activity log, oldest first; with --follow, then every
+    matching row as it is written (with --json: one JSON object per line).
 
     \b
     Example:
       keyswap logs --proxy crm-prod --status 5xx --since 2h
     """
+    where = fail_on_value_error(lambda: queries.LogFilter.of(proxy, status, code, since))
     with closing(open_log(config_path, db_path)) as db:
-        follow_log(db, filters_for(proxy, status, code), since, limit, follow, as_json)
+        if follow:
+            follow_log(db, where, limit, as_json)
+        rows = queries.logs(db, where, limit)
+    if as_json:
+        print_json(rows)
+    else:
+        click.echo(table(rows, LOG_COLUMNS))
 
 
-def filters_for(proxy: str | None, status: str | None, code: str | None) -> dict[str, Any]:
-    return {"proxy": proxy, "status": status, "code": code}
+def follow_log(db: Database, where: queries.LogFilter, limit: int, as_json: bool) -> NoReturn:
+    """Print the newest matching rows, then each new one as it is written, until Ctrl-C."""
+    follower = queries.Follower(db, where)
+    widths: dict[str, int] = {}
 
-
-def follow_log(
-    db: Database,
-    filters: dict[str, Any],
-    since: str | None,
-    limit: int,
-    follow: bool,
-    as_json: bool,
-) -> None:
-    """Print matching rows; with `follow`, keep printing new ones once a second."""
-    rows = fail_on_value_error(lambda: queries.logs(db, **filters, since=since, limit=limit))
-    header = True
-    while True:
+    def show(rows: list[dict[str, Any]], header: bool) -> None:
         if as_json:
             for row in rows:
-                click.echo(json.dumps(row))
+                print_json(row, line=True)
         elif rows or header:
-            lines = table([{c: r[c] for c in LOG_COLUMNS} for r in rows], LOG_COLUMNS)
-            click.echo(lines if header else lines.split("\n", 1)[1])
-            header = False
-        if not follow:
-            return
-        time.sleep(1)
-        if rows:
-            rows = queries.logs(db, **filters, after=rows[-1]["id"], limit=10_000)
-        else:
-            rows = queries.logs(db, **filters, since=since, limit=limit)
+            click.echo(table(rows, LOG_COLUMNS, widths=widths, header=header))
+
+    show(follower.start(limit), header=True)
+    while True:
+        time.sleep(POLL_S)
+        for rows in follower.poll():
+            show(rows, header=False)
 
 
 @click.command()
 @config_option
 @db_option
 @since_option("Only requests since then")
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@json_option
 def stats(config_path: str, db_path: str | None, since: str | None, as_json: bool) -> None:
-    """Per proxy: requests, success and error rates, denied, p50/p95/p99 latency, bytes.
+    """Per proxy: requests, success and error rates, denied, p50/p95/p99 latency of
+    forwarded requests (nearest rank, 3 significant digits), bytes.
 
     \b
     Example:
@@ -114,18 +113,20 @@ def stats(config_path: str, db_path: str | None, since: str | None, as_json: boo
     with closing(open_log(config_path, db_path)) as db:
         rows = fail_on_value_error(lambda: queries.stats(db, since))
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        print_json(rows)
         return
     columns = ["proxy", "requests", "success_rate", "error_rate", "denied"]
     columns += ["p50_ms", "p95_ms", "p99_ms", "bytes_in", "bytes_out"]
-    click.echo(table(rows, columns))
+    shown = [{**row, "proxy": row["proxy"] or "(no proxy)"} for row in rows]
+    click.echo(table(shown, columns))
 
 
 @click.command()
 @config_option
 @db_option
 @click.argument("request_id")
-def curl(config_path: str, db_path: str | None, request_id: str) -> None:
+@json_option
+def curl(config_path: str, db_path: str | None, request_id: str, as_json: bool) -> None:
     """Print a logged request as the equivalent curl command, secrets masked.
 
     \b
@@ -133,14 +134,19 @@ def curl(config_path: str, db_path: str | None, request_id: str) -> None:
       keyswap curl 01a1fdd8e203642913c39c7a4f
     """
     with closing(open_log(config_path, db_path)) as db:
-        found = list(db.query("select * from requests where id = ?", [request_id]))
-    if not found:
+        row = queries.request(db, request_id)
+    if row is None:
         raise click.ClickException(f"no request {request_id} in the activity log")
     try:
         config = load_config(config_path).config
     except ConfigError:
         config = None  # the command still prints, without the proxy's address
-    click.echo(fail_on_value_error(lambda: queries.curl_command(dict(found[0]), config)))
+    argv = fail_on_value_error(lambda: queries.curl_argv(row, config))
+    command = queries.curl_command(row, config)
+    if as_json:
+        print_json({"id": request_id, "command": command, "argv": argv})
+    else:
+        click.echo(command)
 
 
 @click.command()
@@ -148,7 +154,7 @@ def curl(config_path: str, db_path: str | None, request_id: str) -> None:
 @db_option
 @since_option("Only entries since then")
 @click.option("--resource", help="Only entries about this resource.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@json_option
 def audit(
     config_path: str, db_path: str | None, since: str | None, resource: str | None, as_json: bool
 ) -> None:
@@ -161,7 +167,6 @@ def audit(
     with closing(open_log(config_path, db_path)) as db:
         rows = fail_on_value_error(lambda: queries.audit(db, since, resource))
     if as_json:
-        for row in rows:
-            click.echo(json.dumps(row))
+        print_json(rows)
         return
     click.echo(table(rows, ["at", "actor", "action", "resource", "detail"]))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import click
 
-from keyswap.cli import clients, config, log, proxies, serve, templates, upstreams
+from keyswap.cli import clients, config, dashboard, log, proxies, serve, templates, upstreams
+from keyswap.cli.options import Commands
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="keyswap")
 def main() -> None:
     """keyswap: a credential-swapping API gateway built from mitmproxy addons.
@@ -29,6 +30,7 @@ for command in (
     log.stats,
     log.curl,
     log.audit,
+    dashboard.dashboard,
     proxies.proxies,
     templates.templates,
     clients.test_proxy,

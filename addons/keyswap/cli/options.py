@@ -1,12 +1,18 @@
-"""What the `keyswap` commands share: the --config and --db options, loading the config
-with every error shown, opening the state database, tables."""
+"""What the `keyswap` commands share: the --config, --db and --json options, loading the
+config with every error shown, opening the state database, tables, JSON, and how Ctrl-C
+ends a command."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import sys
 from collections.abc import Callable
+from contextlib import suppress
+from datetime import date, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from sqlite_utils import Database
@@ -48,19 +54,79 @@ def load_or_fail(path: str) -> LoadedConfig:
         raise click.ClickException(f"{path} is invalid ({n} error{'s' * (n != 1)})") from None
 
 
-def table(rows: list[dict[str, object]], columns: list[str]) -> str:
-    """A plain text table; lists are joined with commas."""
+def table(
+    rows: list[dict[str, object]],
+    columns: list[str],
+    *,
+    widths: dict[str, int] | None = None,
+    header: bool = True,
+) -> str:
+    """A plain text table; lists are joined with commas, documents shown as JSON. Given
+    `widths`, columns are at least that wide and `widths` grows to fit: a table printed
+    in parts (`keyswap logs --follow`) stays aligned."""
 
     def cell(value: object) -> str:
         if isinstance(value, list):
             return ", ".join(map(str, value))
+        if isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False)
         return "" if value is None else str(value)
 
     cells = [[cell(row[c]) for c in columns] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    known = widths if widths is not None else {}
+    for i, c in enumerate(columns):
+        known[c] = max([known.get(c, 0), len(c), *(len(r[i]) for r in cells)])
+    sizes = [known[c] for c in columns]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, sizes, strict=True))]
+    lines = lines if header else []
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, sizes, strict=True)) for r in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+json_option = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON: one document (docs/operations.md, JSON output).",
+)
+
+
+def print_json(value: object, *, line: bool = False) -> None:
+    """How every command prints JSON: one document, indented; with `line`, one compact
+    line (JSON Lines, for a stream such as `keyswap logs --follow --json`). Times are ISO
+    8601 text; a document held as JSON text must be decoded before it gets here."""
+    click.echo(json.dumps(value, indent=None if line else 2, ensure_ascii=False, default=_plain))
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, datetime | date):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def end_on_interrupt() -> NoReturn:
+    """Ctrl-C: end at once and quietly, the way `tail -f` does, by SIGINT itself, so the
+    shell reports 130 and a script that ran the command stops too (a program that
+    catches SIGINT and exits normally lets the script go on)."""
+    with suppress(OSError):  # stdout may be a pipe that is already gone
+        sys.stdout.flush()
+    if os.name == "posix":
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(130)
+
+
+class Commands(click.Group):
+    """The root group: Ctrl-C ends any command quietly (`end_on_interrupt`) instead of
+    click's "Aborted!" and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            end_on_interrupt()
 
 
 db_option = click.option(
@@ -72,12 +138,13 @@ db_option = click.option(
 
 
 def open_log(config_path: str, db_path: str | None) -> Database:
+    """The state database, to read: an older schema is left for the gateway to upgrade."""
     path = Path(db_path) if db_path else default_db(config_path)
     if not path.exists():
         raise click.ClickException(
             f"no activity log at {path}; pass --db (or set KEYSWAP_DB) to the gateway's database"
         )
-    return open_db(path)
+    return open_db(path, upgrade=False)
 
 
 def since_option(help_text: str) -> Callable[[F], F]:

@@ -4,12 +4,12 @@ audited) and waiting for running gateways to load the change."""
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,23 @@ import click
 import httpx
 from ruamel.yaml.comments import CommentedMap
 
-from keyswap.cli.options import config_option, default_db, load_or_fail, table
-from keyswap.config.edit import LOCK_TIMEOUT_S, ConfigEdit, ConfigLocked, flow_map, flow_seq
-from keyswap.config.loader import ConfigError, LoadedConfig
+from keyswap.cli.options import (
+    config_option,
+    default_db,
+    json_option,
+    load_or_fail,
+    print_json,
+    table,
+)
+from keyswap.config.edit import (
+    LOCK_TIMEOUT_S,
+    Change,
+    ConfigEdit,
+    ConfigLocked,
+    flow_map,
+    flow_seq,
+)
+from keyswap.config.loader import ConfigError
 from keyswap.config.model import Config, Proxy
 from keyswap.config.templates import TEMPLATES, Template
 from keyswap.config.tokens import digest, new_token
@@ -51,6 +65,11 @@ db_for = click.option(
 actor_option = click.option("--actor", help="Who makes the change [default: the OS user].")
 
 
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Print the change as a diff of the YAML; write nothing."
+)
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -77,10 +96,12 @@ def proxy_or_fail(config: Config, pid: str) -> Proxy:
 
 
 @contextmanager
-def editing(config_path: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[ConfigEdit]:
+def editing(
+    config_path: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S, dry_run: bool = False
+) -> Iterator[ConfigEdit]:
     """The config file, locked against every other command from its read to the end of
     the block (see `commit`), with a lock that is busy too long as a clear error."""
-    edit = ConfigEdit(config_path, lock_timeout_s=lock_timeout_s)
+    edit = ConfigEdit(config_path, lock_timeout_s=lock_timeout_s, dry_run=dry_run)
     try:
         edit.lock()
     except ConfigLocked as e:
@@ -93,6 +114,21 @@ def editing(config_path: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S) -> Iter
         edit.unlock()
 
 
+@dataclass(frozen=True)
+class NewToken:
+    """A proxy token just made: its digest goes into the file, the token is shown once."""
+
+    id: str
+    token: str
+
+    @property
+    def sha256(self) -> str:
+        return digest(self.token)
+
+
+AuditRow = tuple[str, str, dict[str, Any]]  # action, resource, detail
+
+
 def commit(
     edit: ConfigEdit,
     db_path: str | None,
@@ -100,25 +136,39 @@ def commit(
     resource: str,
     detail: dict[str, Any],
     actor: str | None,
-    shown: tuple[str, ...] = (),
-) -> LoadedConfig:
-    """Validate and write the edit, audit it, release the lock, wait for running gateways to
-    load the change, and print `shown` (a new token) last."""
+    *,
+    unchanged: str = "",
+    token: NewToken | None = None,
+    also: Sequence[AuditRow] = (),
+) -> Change:
+    """Validate and write the edit, audit it (and `also`), release the lock, wait for
+    running gateways to load the change, and print the new `token` last. An edit that
+    changes nothing prints `unchanged` (what is already so); a dry run prints the diff.
+    Neither writes, audits nor waits."""
     try:
-        loaded = edit.save()
+        change = edit.save()
     except ConfigError as e:
         for problem in e.problems:
             click.echo(f"error: {problem}", err=True)
         raise click.ClickException(
             "the change would make the config invalid; nothing was written"
         ) from None
+    if change.unchanged:
+        click.echo(f"{unchanged or f'{action} {resource} changes nothing'}: unchanged")
+        return change
+    if not change.written:
+        _show_dry_run(change, action, resource, token)
+        return change
+    loaded = change.loaded
+    assert loaded is not None
     try:
         click.echo(f"{action} {resource}: written to {edit.path}")
         db = Path(db_path) if db_path else default_db(edit.path)
         try:
             # Still under the lock, so that no change is written without its audit row
             # being attempted, and the rows are in the order of the changes.
-            audit(db, action, resource, detail, actor)
+            for row in ((action, resource, detail), *also):
+                audit(db, *row, actor)
         except sqlite3.Error as e:
             raise click.ClickException(
                 f"{action} {resource} is written to {edit.path}, but its audit row could not"
@@ -138,9 +188,26 @@ def commit(
         # but once the file holds its digest it is printed on every way out: before the
         # error when the audit row fails, on Ctrl-C while waiting. A token in the file
         # that was never shown can never be used, nor shown again.
-        for line in shown:
-            click.echo(line)
-    return loaded
+        if token is not None:
+            click.echo(f"token {token.id} (shown once, store it now): {token.token}")
+    return change
+
+
+def _show_dry_run(change: Change, action: str, resource: str, token: NewToken | None) -> None:
+    # A dry run's token is never shown, nor its digest: it will not be the one written.
+    placeholders = {token.sha256: "<sha256 of the new token>"} if token else {}
+    click.echo(change.diff(f"{action} {resource}, dry run", placeholders))
+    if change.relaid:
+        lines = f"{change.relaid} other line{'s' * (change.relaid != 1)}"
+        click.echo(
+            f"note: writing also re-lays out {lines} as ruamel.yaml writes them"
+            " (`{ a: b }` becomes `{a: b}`); the diff leaves them out"
+        )
+    click.echo(f"dry run: the change is valid; nothing was written to {change.path}")
+    if token is not None:
+        click.echo(
+            f"token {token.id}: a new token is made and shown once when run without --dry-run"
+        )
 
 
 def wait_for(gateway: dict[str, Any], digest_: str) -> str:
@@ -175,7 +242,7 @@ def proxies() -> None:
 @click.option("--region", help="Only proxies in this region (or in none).")
 @click.option("--status", type=click.Choice(["active", "disabled"]))
 @click.option("--sort", type=click.Choice(["name", "created"]), default="name", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@json_option
 def list_proxies(
     config_path: str,
     search: str | None,
@@ -219,7 +286,7 @@ def list_proxies(
         rows.append(row)
     rows.sort(key=lambda r: (r["created"] or "~") if sort == "created" else str(r["name"]).lower())
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        print_json(rows)
         return
     shown = []
     for row in rows:
@@ -234,7 +301,8 @@ def list_proxies(
 @proxies.command("show")
 @config_option
 @click.argument("pid", metavar="ID")
-def show(config_path: str, pid: str) -> None:
+@json_option
+def show(config_path: str, pid: str, as_json: bool) -> None:
     """Everything about one proxy: URLs, target, routes, rules, tokens (ids and dates).
 
     \b
@@ -244,6 +312,22 @@ def show(config_path: str, pid: str) -> None:
     config = load_or_fail(config_path).config
     proxy = proxy_or_fail(config, pid)
     target = config.targets[proxy.target]
+    if as_json:
+        print_json(
+            {
+                "id": pid,
+                **proxy.model_dump(mode="json", by_alias=True, exclude={"rules", "tokens"}),
+                "rules": [r.model_dump(mode="json", exclude_none=True) for r in proxy.rules],
+                "routes": config.routes_of(pid),
+                "urls": proxy_urls(config, pid),
+                "target_url": target.base_url,
+                "credential": target.credential,
+                "upstream_proxy": target.upstream_proxy,
+                # the ids and dates, never the digests
+                "tokens": [{"id": t.id, "created": t.created} for t in proxy.tokens],
+            }
+        )
+        return
     lines = [
         f"{pid}: {proxy.name or pid}" + (f" - {proxy.description}" if proxy.description else "")
     ]
@@ -310,21 +394,31 @@ def _apply(
     routes: tuple[str, ...],
     methods: tuple[str, ...],
     origins: tuple[str, ...],
-) -> dict[str, Any]:
-    changed: dict[str, Any] = {}
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Set the options given on `proxy`: (every option given, those that differed)."""
+    given: dict[str, Any] = {}
     for key, value in (("name", name), ("description", description)):
         if value is not None:
-            changed[key] = value
-            proxy[key] = value
+            given[key] = value
     for key, values in (
-        ("routes", routes),
+        ("routes", list(routes)),
         ("methods", [m.upper() for m in methods]),
-        ("allowed_origins", origins),
+        ("allowed_origins", list(origins)),
     ):
         if values:
-            changed[key] = list(values)
-            proxy[key] = flow_seq(list(values))
-    return changed
+            given[key] = values
+    # Only what differs is set: the same value written again may change its layout.
+    changed = {key: value for key, value in given.items() if proxy.get(key) != value}
+    for key, value in changed.items():
+        proxy[key] = flow_seq(value) if isinstance(value, list) else value
+    return given, changed
+
+
+def _values(given: dict[str, Any]) -> str:
+    def shown(value: Any) -> str:
+        return f"[{', '.join(value)}]" if isinstance(value, list) else f"'{value}'"
+
+    return ", ".join(f"{key} {shown(value)}" for key, value in given.items())
 
 
 @proxies.command("create")
@@ -340,6 +434,7 @@ def _apply(
 )
 @_proxy_options
 @click.option("--token-id", default="default", show_default=True, help="Name of the first token.")
+@dry_run_option
 def create(
     config_path: str,
     db_path: str | None,
@@ -353,6 +448,7 @@ def create(
     methods: tuple[str, ...],
     origins: tuple[str, ...],
     token_id: str,
+    dry_run: bool,
 ) -> None:
     """Create a proxy in front of a target (or a template's target) and print its token once.
 
@@ -364,7 +460,7 @@ def create(
         raise click.BadParameter("lowercase letters, digits, '-' and '_'", param_hint="ID")
     if (target is None) == (template is None):
         raise click.UsageError("give --target T or --template NAME")
-    with editing(config_path) as edit:
+    with editing(config_path, dry_run=dry_run) as edit:
         if pid in edit.section("proxies"):
             raise click.ClickException(f"proxy '{pid}' exists; use keyswap proxies edit {pid}")
         proxy = CommentedMap()
@@ -380,19 +476,19 @@ def create(
                 f"credential '{pid}' reads {', '.join(t.env_vars)}; set them where the gateway runs"
             )
         proxy["target"] = target
-        token = new_token()
+        token = NewToken(token_id, new_token())
         proxy["created"] = _now()
-        changed = _apply(proxy, name, description, routes, methods, origins)
-        proxy["tokens"] = [flow_map({"id": token_id, "sha256": digest(token), "created": _now()})]
+        given, _ = _apply(proxy, name, description, routes, methods, origins)
+        proxy["tokens"] = [flow_map({"id": token_id, "sha256": token.sha256, "created": _now()})]
         edit.section("proxies")[pid] = proxy
         commit(
             edit,
             db_path,
             "create",
             f"proxies.{pid}",
-            {"target": target, "template": template, **changed},
+            {"target": target, "template": template, **given},
             actor,
-            shown=(_shown_once(token_id, token),),
+            token=token,
         )
     for note in notes:
         click.echo(note)
@@ -426,6 +522,7 @@ def _template_proxy(t: Template) -> dict[str, Any]:
 @click.argument("pid", metavar="ID")
 @click.option("--target", help="Point the proxy at another target.")
 @_proxy_options
+@dry_run_option
 def edit_proxy(
     config_path: str,
     db_path: str | None,
@@ -437,6 +534,7 @@ def edit_proxy(
     routes: tuple[str, ...],
     methods: tuple[str, ...],
     origins: tuple[str, ...],
+    dry_run: bool,
 ) -> None:
     """Change a proxy's name, description, target, routes, methods or origins.
 
@@ -444,16 +542,20 @@ def edit_proxy(
     Example:
       keyswap proxies edit crm-prod --method GET --method POST --origin https://app.example.com
     """
-    with editing(config_path) as edit:
+    if (target, name, description) == (None, None, None) and not (routes or methods or origins):
+        raise click.UsageError("nothing to change: give at least one option")
+    with editing(config_path, dry_run=dry_run) as edit:
         proxy = _editable(edit, pid)
-        changed = _apply(proxy, name, description, routes, methods, origins)
+        given, changed = _apply(proxy, name, description, routes, methods, origins)
         if target is not None:
-            proxy["target"] = changed["target"] = target
-        if not changed:
-            raise click.UsageError("nothing to change: give at least one option")
-        commit(edit, db_path, "edit", f"proxies.{pid}", changed, actor)
-    for key, value in changed.items():
-        click.echo(f"  {key}: {value}")
+            given["target"] = target
+            if proxy.get("target") != target:
+                proxy["target"] = changed["target"] = target
+        already = f"proxy '{pid}' already has {_values(given)}"
+        change = commit(edit, db_path, "edit", f"proxies.{pid}", changed, actor, unchanged=already)
+    if change.written:
+        for key, value in changed.items():
+            click.echo(f"  {key}: {value}")
 
 
 def _editable(edit: ConfigEdit, pid: str) -> CommentedMap:
@@ -469,10 +571,12 @@ def _editable(edit: ConfigEdit, pid: str) -> CommentedMap:
 
 
 def _set_active(
-    config_path: str, db_path: str | None, actor: str | None, pid: str, active: bool
+    config_path: str, db_path: str | None, actor: str | None, pid: str, active: bool, dry_run: bool
 ) -> None:
-    with editing(config_path) as edit:
-        _editable(edit, pid)["active"] = active
+    with editing(config_path, dry_run=dry_run) as edit:
+        proxy = _editable(edit, pid)
+        if proxy.get("active", True) != active:  # an absent `active` is true: left absent
+            proxy["active"] = active
         commit(
             edit,
             db_path,
@@ -480,6 +584,7 @@ def _set_active(
             f"proxies.{pid}",
             {"active": active},
             actor,
+            unchanged=f"proxy '{pid}' is already {'active' if active else 'disabled'}",
         )
 
 
@@ -488,14 +593,17 @@ def _set_active(
 @db_for
 @actor_option
 @click.argument("pid", metavar="ID")
-def enable(config_path: str, db_path: str | None, actor: str | None, pid: str) -> None:
+@dry_run_option
+def enable(
+    config_path: str, db_path: str | None, actor: str | None, pid: str, dry_run: bool
+) -> None:
     """Let a disabled proxy serve again.
 
     \b
     Example:
       keyswap proxies enable crm-prod
     """
-    _set_active(config_path, db_path, actor, pid, True)
+    _set_active(config_path, db_path, actor, pid, True, dry_run)
 
 
 @proxies.command("disable")
@@ -503,14 +611,17 @@ def enable(config_path: str, db_path: str | None, actor: str | None, pid: str) -
 @db_for
 @actor_option
 @click.argument("pid", metavar="ID")
-def disable(config_path: str, db_path: str | None, actor: str | None, pid: str) -> None:
+@dry_run_option
+def disable(
+    config_path: str, db_path: str | None, actor: str | None, pid: str, dry_run: bool
+) -> None:
     """Refuse every request to a proxy (403) without deleting it.
 
     \b
     Example:
-      keyswap proxies disable crm-prod
+      keyswap proxies disable crm-prod --dry-run
     """
-    _set_active(config_path, db_path, actor, pid, False)
+    _set_active(config_path, db_path, actor, pid, False, dry_run)
 
 
 @proxies.command("rotate-token")
@@ -519,8 +630,14 @@ def disable(config_path: str, db_path: str | None, actor: str | None, pid: str) 
 @actor_option
 @click.argument("pid", metavar="ID")
 @click.option("--token-id", help="The token to replace (added when new) [default: the first].")
+@dry_run_option
 def rotate_token(
-    config_path: str, db_path: str | None, actor: str | None, pid: str, token_id: str | None
+    config_path: str,
+    db_path: str | None,
+    actor: str | None,
+    pid: str,
+    token_id: str | None,
+    dry_run: bool,
 ) -> None:
     """Replace a proxy token: the new one is printed once, the old one stops working.
 
@@ -528,26 +645,21 @@ def rotate_token(
     Example:
       keyswap proxies rotate-token crm-prod --token-id web
     """
-    with editing(config_path) as edit:
+    with editing(config_path, dry_run=dry_run) as edit:
         proxy = _editable(edit, pid)
         tokens = proxy.get("tokens")
         if tokens is None:
             tokens = proxy["tokens"] = []
         token_id = token_id or (tokens[0]["id"] if tokens else "default")
-        token = new_token()
-        entry = flow_map({"id": token_id, "sha256": digest(token), "created": _now()})
+        token = NewToken(token_id, new_token())
+        entry = flow_map({"id": token_id, "sha256": token.sha256, "created": _now()})
         found = [i for i, t in enumerate(tokens) if t.get("id") == token_id]
         if found:
             tokens[found[0]] = entry
         else:
             tokens.append(entry)
         detail = {"token_id": token_id}
-        shown = (_shown_once(token_id, token),)
-        commit(edit, db_path, "rotate-token", f"proxies.{pid}", detail, actor, shown)
-
-
-def _shown_once(token_id: str, token: str) -> str:
-    return f"token {token_id} (shown once, store it now): {token}"
+        commit(edit, db_path, "rotate-token", f"proxies.{pid}", detail, actor, token=token)
 
 
 @proxies.command("delete")
@@ -556,19 +668,87 @@ def _shown_once(token_id: str, token: str) -> str:
 @actor_option
 @click.argument("pid", metavar="ID")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def delete(config_path: str, db_path: str | None, actor: str | None, pid: str, yes: bool) -> None:
-    """Delete a proxy and its rules and tokens; its target and credential stay.
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Also delete the target, credential and upstream proxy that only this proxy used.",
+)
+@dry_run_option
+def delete(
+    config_path: str,
+    db_path: str | None,
+    actor: str | None,
+    pid: str,
+    yes: bool,
+    prune: bool,
+    dry_run: bool,
+) -> None:
+    """Delete a proxy and its rules and tokens; its target and credential stay unless
+    --prune is given and no other proxy uses them.
 
     \b
     Example:
-      keyswap proxies delete crm-prod --yes
+      keyswap proxies delete crm-prod --prune --yes
     """
-    if not yes:
+    if not yes and not dry_run:
         # Asked on a snapshot, before the lock: a person thinking must not hold up other
         # commands (the proxy is looked up again under the lock).
         _editable(ConfigEdit(config_path), pid)
-        click.confirm(f"delete proxy '{pid}' (its routes stop at once)?", abort=True)
-    with editing(config_path) as edit:
+        also = ", and what only it uses" if prune else ""
+        click.confirm(f"delete proxy '{pid}' (its routes stop at once){also}?", abort=True)
+    with editing(config_path, dry_run=dry_run) as edit:
         target = _editable(edit, pid).get("target")
-        del edit.section("proxies")[pid]
-        commit(edit, db_path, "delete", f"proxies.{pid}", {"target": target}, actor)
+        edit.remove("proxies", pid)
+        pruned, kept = _prune(edit, str(target)) if prune else ([], [])
+        detail: dict[str, Any] = {"target": target}
+        if prune:
+            detail["pruned"] = [f"{section}.{name}" for section, name in pruned]
+        rows = [
+            ("delete", f"{section}.{name}", {"pruned_with": f"proxies.{pid}"})
+            for section, name in pruned
+        ]
+        change = commit(edit, db_path, "delete", f"proxies.{pid}", detail, actor, also=rows)
+    if pruned:
+        what = ", ".join(f"{SECTION_WORDS[section]} '{name}'" for section, name in pruned)
+        removed = "removed" if change.written else "would remove"
+        click.echo(f"  pruned: {removed} {what}, which only proxy '{pid}' used")
+    for line in kept:
+        click.echo(f"  kept {line}")
+
+
+SECTION_WORDS = {
+    "targets": "target",
+    "credentials": "credential",
+    "upstream_proxies": "upstream proxy",
+}
+
+
+def _prune(edit: ConfigEdit, target: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """Delete the target of a deleted proxy when no other proxy uses it, then its
+    credential and upstream proxy when no other target uses them: (what was deleted, as
+    (section, name); what was kept, and why)."""
+    # `edit.doc.get`, not `edit.section`: a section left empty is gone, and stays gone.
+    if target not in (edit.doc.get("targets") or {}):
+        return [], []
+    proxies = edit.doc.get("proxies") or {}
+    users = [p for p, proxy in proxies.items() if proxy.get("target") == target]
+    if users:
+        return [], [f"target '{target}': used by proxy {_names(users)}"]
+    removed = edit.remove("targets", target)
+    pruned, kept = [("targets", target)], []
+    for field, section in (("credential", "credentials"), ("upstream_proxy", "upstream_proxies")):
+        name = removed.get(field)
+        if name is None or name not in (edit.doc.get(section) or {}):
+            continue
+        targets = edit.doc.get("targets") or {}
+        others = [t for t, other in targets.items() if other.get(field) == name]
+        if others:
+            kept.append(f"{SECTION_WORDS[section]} '{name}': used by target {_names(others)}")
+        else:
+            edit.remove(section, name)
+            pruned.append((section, name))
+    return pruned, kept
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)

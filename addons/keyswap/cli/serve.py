@@ -53,7 +53,13 @@ def serve_args(config_path: str, listen: str, db: str | None, extra: tuple[str, 
     "--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to serve on."
 )
 @click.option("--db", type=click.Path(dir_okay=False), help="State database (activity log).")
-@click.option("--web", is_flag=True, help="Run mitmweb instead of mitmdump, for live inspection.")
+@click.option(
+    "--web",
+    is_flag=True,
+    help="Run mitmweb instead of mitmdump, to watch flows live. Its UI is on "
+    "127.0.0.1:8081 (-- --set web_port=PORT), at the URL with a token that mitmweb prints "
+    "at start (or set -- --set web_password=...).",
+)
 @click.argument("mitmproxy_args", nargs=-1, type=click.UNPROCESSED)
 def serve(
     config_path: str, listen: str, db: str | None, web: bool, mitmproxy_args: tuple[str, ...]
@@ -63,6 +69,7 @@ def serve(
     \b
     Example:
       keyswap serve --config config/demo.yaml --listen 127.0.0.1:8080 -- --set flow_detail=0
+      keyswap serve --web --config config/demo.yaml -- --set web_port=9090
     """
     from mitmproxy.tools import main as mitm
 

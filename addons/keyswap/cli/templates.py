@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from keyswap.cli.options import table
+from keyswap.cli.options import json_option, print_json, table
 from keyswap.config.templates import TEMPLATES
 
 
@@ -21,7 +19,7 @@ def templates() -> None:
 
 
 @templates.command("list")
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@json_option
 def list_templates(as_json: bool) -> None:
     """List the templates `keyswap proxies create --template` knows.
 
@@ -41,6 +39,6 @@ def list_templates(as_json: bool) -> None:
         for t in TEMPLATES.values()
     ]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        print_json(rows)
     else:
         click.echo(table(rows, ["name", "api", "base_url", "credential", "docs"]))

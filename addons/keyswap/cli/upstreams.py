@@ -3,11 +3,9 @@ and whether one can be reached step by step."""
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from keyswap.cli.options import config_option, load_or_fail, table
+from keyswap.cli.options import config_option, json_option, load_or_fail, print_json, table
 from keyswap.config.model import BasicProxyAuth
 from keyswap.gateway.connectivity import ProxyCheck
 from keyswap.net.urls import hostport
@@ -17,7 +15,8 @@ from keyswap.net.urls import hostport
 @config_option
 @click.argument("name")
 @click.option("--url", help="What to fetch through the proxy (default: a target that uses it).")
-def test_upstream(config_path: str, name: str, url: str | None) -> None:
+@json_option
+def test_upstream(config_path: str, name: str, url: str | None, as_json: bool) -> None:
     """Connect through an upstream proxy and report each step; exit 1 at the first failure.
 
     \b
@@ -38,17 +37,37 @@ def test_upstream(config_path: str, name: str, url: str | None) -> None:
         check = ProxyCheck(proxy, url, target_tls)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    auth = f", basic auth as {proxy.auth.user}" if isinstance(proxy.auth, BasicProxyAuth) else ""
-    click.echo(f"upstream proxy '{name}': {proxy.type}://{hostport(proxy.host, proxy.port)}{auth}")
-    click.echo(f"fetching {url}")
-    failed = None
+    address = f"{proxy.type}://{hostport(proxy.host, proxy.port)}"
+    user = proxy.auth.user if isinstance(proxy.auth, BasicProxyAuth) else None
+    steps = []
+    if not as_json:  # each step as it is taken
+        auth = f", basic auth as {user}" if user else ""
+        click.echo(f"upstream proxy '{name}': {address}{auth}")
+        click.echo(f"fetching {url}")
     for step in check.steps():
-        mark = "ok    " if step.ok else "FAILED"
-        click.echo(f"  {mark} {step.name:<28} {step.detail}  ({step.ms:.0f} ms)")
-        failed = None if step.ok else step
+        steps.append(step)
+        if not as_json:
+            mark = "ok    " if step.ok else "FAILED"
+            click.echo(f"  {mark} {step.name:<28} {step.detail}  ({step.ms:.0f} ms)")
+    failed = next((step for step in steps if not step.ok), None)
+    if as_json:
+        print_json(
+            {
+                "upstream_proxy": name,
+                "proxy": address,
+                "user": user,
+                "url": url,
+                "ok": failed is None,
+                "steps": [
+                    {"step": s.name, "ok": s.ok, "detail": s.detail, "ms": round(s.ms, 1)}
+                    for s in steps
+                ],
+            }
+        )
     if failed is not None:
         raise click.ClickException(f"'{name}' failed at: {failed.name}")
-    click.echo("success")
+    if not as_json:
+        click.echo("success")
 
 
 @click.group()
@@ -63,7 +82,7 @@ def upstreams() -> None:
 
 @upstreams.command("list")
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@json_option
 def upstreams_list(config_path: str, as_json: bool) -> None:
     """List upstream proxies, resolved for the current environment, and who uses them.
 
@@ -84,7 +103,7 @@ def upstreams_list(config_path: str, as_json: bool) -> None:
         for name, proxy in config.upstream_proxies.items()
     ]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        print_json(rows)
         return
     click.echo(f"environment {config.environment}")
     click.echo(table(rows, ["name", "type", "address", "auth", "targets", "description"]))

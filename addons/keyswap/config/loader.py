@@ -20,6 +20,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from keyswap.config.model import Config, Proxy
 from keyswap.config.substitution import Resolver, SubstitutionError, is_indirect, params_used
+from keyswap.config.yaml12 import SafeLoader12
 
 Key = tuple[str | int, ...]
 
@@ -117,7 +118,7 @@ class _Load:
 
     def parse(self, data: bytes) -> dict[str, Any]:
         try:
-            loader = yaml.SafeLoader(data)
+            loader = SafeLoader12(data)  # YAML 1.2, as the command line writes
             try:
                 node = loader.get_single_node()
                 if node is None:
@@ -157,7 +158,8 @@ class _Load:
                 if k.tag != "tag:yaml.org,2002:str":
                     self.lines[child] = k.start_mark.line + 1
                     kind = k.tag.rsplit(":", 1)[-1]
-                    self.error(child, f"YAML reads this key as a {kind}; quote it: '{name}'")
+                    kind = f"an {kind}" if kind == "int" else f"a {kind}"
+                    self.error(child, f"YAML reads this key as {kind}; quote it: '{name}'")
                 if name in seen:
                     self.lines[child] = k.start_mark.line + 1
                     self.error(child, "duplicate key; YAML would silently keep only the last one")
@@ -297,6 +299,7 @@ class _Load:
                 )
             if not proxy.tokens:
                 self.warn(("proxies", pid, "tokens"), "no tokens: every request will be refused")
+        self.warn_unused(config)
         params = _env_params(raw, config.environment)
         for key in _secret_keys(config, ()):
             text = _at(raw, key)
@@ -309,6 +312,29 @@ class _Load:
                     "a secret is written in the file; use ${env:NAME} or ${file:PATH} "
                     "so it stays out of version control",
                 )
+
+    def warn_unused(self, config: Config) -> None:
+        """Name targets no proxy uses, and credentials and upstream proxies no used target
+        uses: left behind by a deleted proxy, they can still stop the gateway (an unset
+        ${env:...}) for something that serves nothing."""
+        used = {proxy.target for proxy in config.proxies.values()}
+        for name in config.targets:
+            if name not in used:
+                self.warn(("targets", name), "no proxy uses this target")
+        credentials = {t: target.credential for t, target in config.targets.items()}
+        upstreams = {t: target.upstream_proxy for t, target in config.targets.items()}
+        for section, word, names, refs in (
+            ("credentials", "credential", config.credentials, credentials),
+            ("upstream_proxies", "upstream proxy", config.upstream_proxies, upstreams),
+        ):
+            for name in names:
+                users = [t for t, ref in refs.items() if ref == name]
+                if not users:
+                    self.warn((section, name), f"no target uses this {word}")
+                elif not used.intersection(users):
+                    unused = ", ".join(f"'{t}'" for t in users)
+                    plural = "s" * (len(users) > 1)
+                    self.warn((section, name), f"used only by unused target{plural} {unused}")
 
 
 class ConfigSource:

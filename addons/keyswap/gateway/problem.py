@@ -54,6 +54,26 @@ TITLES = {
     504: "Gateway Timeout",
 }
 
+# The `error.type` of a problem body, by status: the words the Anthropic and Stripe APIs
+# use, so that their SDKs (and OpenAI's, which reads only the status and
+# `error.message`) raise the exception class they raise for the API's own refusal of
+# that status. None collides with a type Stripe's SDK treats specially
+# (`idempotency_error`, its v2 types). Other 4xx: invalid_request_error; 5xx: api_error.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    429: "rate_limit_error",
+    504: "timeout_error",
+}
+
+
+def error_type(status: int) -> str:
+    """The SDK-facing `error.type` of a gateway-made problem response."""
+    return ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+
 
 def one_line(text: str) -> str:
     """A header-safe single line of printable ASCII."""
@@ -95,16 +115,19 @@ def make(
     headers: dict[str, str] | None = None,
 ) -> http.Response:
     """A gateway-made application/problem+json response, with the keyswap-* headers.
-    `reason` is a slug (`wrong-token`, `rate-limit`, ...) that becomes the problem type."""
+    `reason` is a slug (`wrong-token`, `rate-limit`, ...) that becomes the problem type.
+    The extension member `error` says the same in the shape API SDKs read (OpenAI,
+    Anthropic, Stripe): `{type, code, message}`, `code` being the slug."""
     code: Code = PROXY_ERROR if status >= 500 else DENIED
     decide(flow, code, message)
-    request_id = flow.metadata.get(REQUEST_ID, "")
+    detail = flow.metadata[MESSAGE]
     body = {
         "type": f"urn:keyswap:problem:{reason}",
         "title": TITLES.get(status, "Error"),
         "status": status,
-        "detail": flow.metadata[MESSAGE],
-        "request_id": request_id,
+        "detail": detail,
+        "request_id": flow.metadata.get(REQUEST_ID, ""),
+        "error": {"type": error_type(status), "code": reason, "message": detail},
     }
     response = http.Response.make(
         status,

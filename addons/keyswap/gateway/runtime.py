@@ -1,14 +1,46 @@
-"""The config compiled for serving: route table, token index and rate limiters."""
+"""The config compiled for serving: route table, token index, where each proxy's token
+may stand, rate limiters and header plans."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from keyswap.config.loader import LoadedConfig
-from keyswap.config.model import Config, parse_rate_limit
+from keyswap.config.model import (
+    Config,
+    Credential,
+    HeaderCredential,
+    QueryCredential,
+    parse_rate_limit,
+)
+from keyswap.config.tokens import TOKEN_HEADERS
 from keyswap.gateway.header_plan import Plan, request_plan, response_plan
 from keyswap.gateway.rate_limit import RateLimiter
 from keyswap.gateway.routes import RouteTable
+
+
+@dataclass(frozen=True)
+class TokenPlaces:
+    """Where a proxy's token may stand besides `x-proxy-token` and `Authorization`: where
+    its target credential goes, so that an SDK given the token as its API key works.
+    Worked out once per config, from the proxy's target's credential."""
+
+    header: bytes | None = None  # a `header` credential's name, lower case
+    query: str | None = None  # a `query` credential's parameter as a URL writes it: `key=`
+
+    @classmethod
+    def of(cls, credential: Credential | None) -> TokenPlaces:
+        if isinstance(credential, HeaderCredential) and credential.name not in TOKEN_HEADERS:
+            return cls(header=credential.name.encode())  # the model lower-cases it
+        if isinstance(credential, QueryCredential):
+            # The raw name, as the swap matches it: a parameter the swap would not
+            # replace can never be the one the token is read from.
+            return cls(query=quote(credential.name, safe="") + "=")
+        return NO_PLACES  # bearer, basic, oauth2: Authorization, which is always looked at
+
+
+NO_PLACES = TokenPlaces()
 
 
 @dataclass(frozen=True)
@@ -20,6 +52,7 @@ class Runtime:
     tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # digest -> proxy, token id
     limiters: dict[str, RateLimiter] = field(default_factory=dict)
     header_plans: dict[str, tuple[Plan, Plan]] = field(default_factory=dict)  # request, response
+    token_places: dict[str, TokenPlaces] = field(default_factory=dict)
     served: frozenset[str] = frozenset()  # the proxies this environment and region serve
 
     @property
@@ -55,4 +88,8 @@ class Runtime:
             pid: (request_plan(proxy.request_headers), response_plan(proxy.response_headers))
             for pid, proxy in config.proxies.items()
         }
-        return cls(loaded, routes, tokens, limiters, header_plans, served)
+        token_places = {
+            pid: TokenPlaces.of(config.credentials.get(config.targets[proxy.target].credential))
+            for pid, proxy in config.proxies.items()
+        }
+        return cls(loaded, routes, tokens, limiters, header_plans, token_places, served)

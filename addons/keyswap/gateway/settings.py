@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
@@ -47,6 +48,12 @@ class Settings:
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # Eager mode would connect to the reverse-mode placeholder before routing.
             ctx.options.update(connection_strategy="lazy")
+        if updated & {"mode", "listen_host", "listen_port"}:
+            opts = ctx.options
+            if changes := listen_options(opts.mode, opts.listen_host, opts.listen_port):
+                ctx.options.update(**changes)
+        if "web_columns" in updated and not ctx.options.has_changed("web_columns"):
+            ctx.options.update(web_columns=with_decision_column(ctx.options.web_columns))
         if "keyswap_config" in updated and ctx.options.keyswap_config:
             path = ctx.options.keyswap_config
             try:
@@ -124,6 +131,31 @@ def mode_problem(modes: list[str]) -> str | None:
     if modes and all(isinstance(ProxyMode.parse(m), ReverseMode) for m in modes):
         return None
     return f"keyswap runs in reverse mode: --mode reverse:http://unused.invalid@8080 (got {modes})"
+
+
+def listen_options(modes: Sequence[str], host: str, port: int | None) -> dict[str, Any]:
+    """The listen_host and listen_port that say where the first listener is, when its
+    mode names the address itself (`reverse:...@127.0.0.1:8080`). mitmweb's status bar
+    shows those two options only, so it would show mitmproxy's default port instead."""
+    try:
+        mode = ProxyMode.parse(modes[0])
+    except (IndexError, ValueError):
+        return {}  # no mode, or an invalid one: mitmproxy's proxyserver says so
+    changes: dict[str, Any] = {}
+    if mode.custom_listen_host is not None and mode.custom_listen_host != host:
+        changes["listen_host"] = mode.custom_listen_host
+    if mode.custom_listen_port is not None and mode.custom_listen_port != port:
+        changes["listen_port"] = mode.custom_listen_port
+    return changes
+
+
+def with_decision_column(columns: Sequence[str]) -> list[str]:
+    """mitmweb's flow list columns with `comment`, where keyswap says what it decided
+    (`proxy · code`), beside the status."""
+    if "comment" in columns:
+        return list(columns)
+    at = columns.index("status") + 1 if "status" in columns else len(columns)
+    return [*columns[:at], "comment", *columns[at:]]
 
 
 def check_options() -> None:

@@ -47,6 +47,21 @@ REQUEST_COLUMNS: dict[str, type] = {
     "attempts": int,
     "async_id": str,
 }
+# The activity log's indexes. The columns after the first two let SQLite filter (and
+# `keyswap stats` count) from the index alone, without reading the table's wide rows.
+REQUEST_INDEXES = {
+    # per proxy over time, with every column `keyswap stats` reads
+    "idx_requests_proxy_id_started_at_outcome": (
+        "proxy_id, started_at, proxy_code, status, duration_ms, bytes_in, bytes_out"
+    ),
+    # errors over time: by status, and by status class (`keyswap logs --status 5xx`)
+    "idx_requests_status_started_at": "status, started_at",
+    "idx_requests_status_class_started_at": "(status / 100), started_at",
+    # over time, with what `keyswap logs --code` filters on
+    "idx_requests_started_at_outcome": "started_at, proxy_code, status",
+}
+# Version 1's, now the first columns of one above.
+SUPERSEDED_INDEXES = ("idx_requests_proxy_id_started_at", "idx_requests_started_at")
 AUDIT_COLUMNS: dict[str, type] = {
     "id": int,
     "at": str,
@@ -94,18 +109,23 @@ def now_iso() -> str:
 
 BUSY_TIMEOUT_S = 10.0
 # Raise when ensure_schema changes: a database of an older version is upgraded on open.
-SCHEMA_VERSION = 1
+# 2: wider indexes, so that `keyswap logs` and `stats` read indexes, not rows.
+SCHEMA_VERSION = 2
 
 
-def open_db(path: str | Path) -> Database:
-    """Open (and create or upgrade) the state database."""
+def open_db(path: str | Path, *, upgrade: bool = True) -> Database:
+    """Open (and create or upgrade) the state database. A reader (`upgrade=False`) leaves
+    an existing schema of another version as it is: an upgrade holds the write lock while
+    it builds indexes (seconds per million rows), which would stall a running gateway's
+    writes; the gateway upgrades its database when it starts."""
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_S)
     db = Database(conn)
     db.enable_wal()
     db.execute("PRAGMA synchronous=NORMAL")
     # Only a database whose schema is not current takes the write lock here: readers
     # (`keyswap logs`, a read-only copy) open without it.
-    if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION and (upgrade or version == 0):
         with write_transaction(db):
             ensure_schema(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -136,10 +156,10 @@ def ensure_schema(db: Database) -> None:
         missing = {k: v for k, v in REQUEST_COLUMNS.items() if k not in requests.columns_dict}
         for name, kind in missing.items():
             requests.add_column(name, kind)
-    # "per proxy over time" and "errors over time"
-    requests.create_index(["proxy_id", "started_at"], if_not_exists=True)
-    requests.create_index(["status", "started_at"], if_not_exists=True)
-    requests.create_index(["started_at"], if_not_exists=True)
+    for name, columns in REQUEST_INDEXES.items():
+        db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON requests ({columns})")
+    for name in SUPERSEDED_INDEXES:
+        db.execute(f"DROP INDEX IF EXISTS {name}")
     audit = db.table("audit")
     if not audit.exists():
         audit.create(AUDIT_COLUMNS, pk="id", not_null={"at", "action"})

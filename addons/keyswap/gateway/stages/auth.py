@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs
 
 from mitmproxy import http
 from mitmproxy.http import Headers
 
-from keyswap.config.model import Credential, HeaderCredential, QueryCredential
-from keyswap.config.tokens import digest
+from keyswap.config.tokens import SHAPE, digest
 from keyswap.gateway import problem
+from keyswap.gateway.runtime import NO_PLACES, TokenPlaces
 from keyswap.net import fields
 
 if TYPE_CHECKING:
@@ -20,35 +20,63 @@ if TYPE_CHECKING:
 TOKEN_ID = "keyswap.token_id"
 CHALLENGE = {"www-authenticate": 'Bearer realm="keyswap"'}
 INVALID = {"www-authenticate": 'Bearer realm="keyswap", error="invalid_token"'}
+MISSING = (
+    "this proxy needs a token: Authorization: Bearer <token>, x-proxy-token, or where the API "
+    "expects its key"
+)
 
 
 def presented_token(
-    headers: Headers, query: str = "", credential: Credential | None = None
+    headers: Headers, path: str = "", places: TokenPlaces = NO_PLACES
 ) -> str | None:
-    """The proxy token a request carries: `x-proxy-token: <t>`, `Authorization: Bearer
-    <t>`, `Authorization: <t>`, the password of `Authorization: Basic`, or, so that an
-    unmodified SDK given the token as its API key works, wherever the proxy's target
-    credential goes (its header, its query parameter)."""
+    """The proxy token a request carries, looked for in this order: `x-proxy-token: <t>`;
+    `Authorization: Bearer <t>` (or another scheme), `Authorization: <t>`, or
+    `Authorization: Basic` with the token as the password (or as the user name when the
+    password is empty); then, so that an unmodified SDK given the token as its API key
+    works, where the proxy's target credential goes (`places`: its header, or its query
+    parameter in `path`). The first place found is the one checked."""
     token = fields.get(headers, b"x-proxy-token")
     if token:
         return token.strip()
-    auth = (fields.get(headers, b"authorization") or "").strip()
-    scheme, _, rest = auth.partition(" ")
-    if rest and scheme.lower() == "bearer":
-        return rest.strip()
-    if rest and scheme.lower() == "basic":
-        try:
-            return base64.b64decode(rest.strip(), validate=True).decode().partition(":")[2]
-        except (ValueError, UnicodeDecodeError):
+    auth = fields.get(headers, b"authorization")
+    if auth and (auth := auth.strip()):
+        scheme, _, rest = auth.partition(" ")
+        if not rest:
             return auth
-    if auth:
-        return auth
-    if isinstance(credential, HeaderCredential):
-        value = fields.get(headers, credential.name.lower().encode())
-        return value.strip() if value else None
-    if isinstance(credential, QueryCredential) and query:
-        values = parse_qs(query, keep_blank_values=True).get(credential.name)
-        return values[0] if values else None
+        if scheme.lower() == "basic":
+            return _basic(rest.strip()) or auth
+        return rest.strip()  # Bearer, or the scheme an API names for its key (Token, Bot)
+    if places.header is not None:
+        value = fields.get(headers, places.header)
+        if value:
+            return value.strip()
+    if places.query is not None:
+        return _parameter(path, places.query)
+    return None
+
+
+def _basic(credentials: str) -> str | None:
+    """The token in `Basic base64(user:password)`: the password (Twilio, Mailgun style),
+    or the user name when the password is empty (Stripe's `-u <key>:`)."""
+    try:
+        pair = base64.b64decode(credentials, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, _, password = pair.partition(":")
+    return password or user
+
+
+def _parameter(path: str, prefix: str) -> str | None:
+    """The value of the first query parameter written `prefix<value>` (`key=`), as
+    written: a token's characters need no percent-encoding, and what is masked or
+    dropped as token-shaped is the text as written, so an encoded one is never taken.
+    The name is matched as written too, as the swap that replaces it matches it."""
+    query = path.partition("?")[2]
+    if prefix not in query:
+        return None
+    for part in query.split("&"):
+        if part.startswith(prefix):
+            return part[len(prefix) :]
     return None
 
 
@@ -61,23 +89,20 @@ class Authenticate:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.PROXY not in flow.metadata:
             return
-        config = self.settings.runtime.config
-        proxy = config.proxies[flow.metadata[problem.PROXY]]
-        credential = config.credentials.get(config.targets[proxy.target].credential)
-        query = flow.request.path.partition("?")[2]  # as sent: the rewrite comes later
-        token = presented_token(flow.request.headers, query, credential)
+        runtime = self.settings.runtime
+        proxy_id = flow.metadata[problem.PROXY]
+        places = runtime.token_places.get(proxy_id, NO_PLACES)
+        # The path as sent (the rewrite comes later), read only by a proxy whose token
+        # may stand in a query parameter.
+        path = flow.request.path if places.query is not None else ""
+        token = presented_token(flow.request.headers, path, places)
         if not token:
-            problem.deny(
-                flow,
-                401,
-                "missing-token",
-                "this proxy needs a token: Authorization: Bearer <token>, x-proxy-token, or "
-                "where the API expects its key",
-                CHALLENGE,
-            )
+            problem.deny(flow, 401, "missing-token", MISSING, CHALLENGE)
             return
-        owner = self.settings.runtime.tokens.get(digest(token))
-        if owner is None or owner[0] != flow.metadata[problem.PROXY]:
+        # Only a value shaped like a token can be one: every place that keeps a token
+        # from the target, the log and the stored flow recognises it by that shape.
+        owner = runtime.tokens.get(digest(token)) if SHAPE.fullmatch(token) else None
+        if owner is None or owner[0] != proxy_id:
             problem.deny(flow, 401, "wrong-token", "the token is not valid for this proxy", INVALID)
             return
         flow.metadata[TOKEN_ID] = owner[1]

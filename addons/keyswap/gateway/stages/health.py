@@ -1,4 +1,9 @@
-"""`GET /_keyswap/health`: is the gateway up, and what is it serving. No token, no secret."""
+"""`GET /_keyswap/health`: is the gateway up, and what is it serving. No token, no secret.
+
+An answered probe is not an activity log row (a load balancer probing every second
+would be most of the log); it is counted here, as `probes_served`. A refused one (a
+method other than GET or HEAD, another `/_keyswap/...` path) is a row like any other
+refusal: someone is knocking on a reserved path."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
 
 PATH = "/_keyswap/health"
+PROBE = "keyswap.health_probe"  # flow.metadata: an answered probe, which gets no row
 
 
 class Health:
@@ -27,6 +33,7 @@ class Health:
         self.settings = settings
         self.started = time.time()
         self.reporters = reporters or {}
+        self.probes_served = 0
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not flow.metadata.get(problem.RESERVED):
@@ -35,13 +42,16 @@ class Health:
             problem.deny(flow, 404, "unknown-route", "no keyswap endpoint at this path")
             return
         if flow.request.method not in ("GET", "HEAD"):
-            problem.deny(flow, 405, "method", "the health endpoint answers GET", {"allow": "GET"})
+            message = "the health endpoint answers GET and HEAD"
+            problem.deny(flow, 405, "method", message, {"allow": "GET, HEAD"})
             return
+        self.probes_served += 1
         body = json.dumps(self.report(), indent=2).encode()
         flow.response = http.Response.make(
             200, body, {"content-type": "application/json", "cache-control": "no-store"}
         )
         flow.metadata[problem.ANSWERED] = True
+        flow.metadata[PROBE] = True
         problem.decide(flow, problem.GRANTED, "health report")
         problem.stamp(flow, flow.response)
 
@@ -49,6 +59,7 @@ class Health:
         runtime = self.settings.runtime
         report: dict[str, Any] = {"status": "ok", "version": __version__}
         report["uptime_s"] = round(time.time() - self.started, 1)
+        report["probes_served"] = self.probes_served  # this one included
         if runtime.loaded is not None:
             c = runtime.config
             report["config"] = {

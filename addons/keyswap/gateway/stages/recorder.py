@@ -1,7 +1,12 @@
 """The activity log: one `requests` row per flow that reached the gateway, denied ones
-included, written when the flow ends (`response` or `error`). Secrets never reach a
-row: credential headers, cookies and the config's credential header and query names
-are stored as `********`, and body previews have every configured secret value masked."""
+included, written when the flow ends (`response` or `error`); answered health probes
+are counted by the health stage instead. Secrets never reach a row: credential headers,
+cookies and the config's credential header and query names are stored as `********`,
+and body previews have every configured secret value masked.
+
+Being last, it also says on each flow what keyswap decided, for mitmweb: the comment
+(`proxy · code · message`, the flow list's comment column) and a marker on refused and
+failed flows; and a flow that went to no target shows the gateway's own URL."""
 
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ from keyswap.config.loader import LoadedConfig
 from keyswap.config.secrets import Redaction
 from keyswap.gateway import problem
 from keyswap.gateway.stages.auth import TOKEN_ID
+from keyswap.gateway.stages.health import PROBE
 from keyswap.gateway.stages.upstream import UPSTREAM
 from keyswap.net.text import shown
-from keyswap.net.urls import origin_of
+from keyswap.net.urls import authority, origin_of
 from keyswap.state.store import audit_row, iso, new_request_id
 from keyswap.state.writer import Writer
 
@@ -45,6 +51,7 @@ class Recorder:
         self.secret_sources: list[Callable[[], frozenset[str]]] = []
         self._previous_factory = logging.getLogRecordFactory()
         self.body_cap = 0
+        self.live_view = False  # a UI (mitmweb, the console) shows flows while in flight
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -66,6 +73,7 @@ class Recorder:
             self.body_cap = ctx.options.keyswap_log_bodies
 
     def running(self) -> None:
+        self.live_view = ctx.master.addons.get("view") is not None
         if self.settings.source is None:
             return
         self.writer = Writer(self.settings.db_path(), ctx.options.keyswap_log_retention_days)
@@ -130,6 +138,15 @@ class Recorder:
                 "audit", audit_row("reload-failed", path, {"errors": errors}, actor="gateway")
             )
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Every stage has decided; mitmweb adds the flow to its list after this hook.
+        meta = flow.metadata
+        if problem.DESTINATION not in meta:
+            show_gateway_url(flow)
+        if self.live_view:
+            proxy_id, code = meta.get(problem.PROXY), meta.get(problem.CODE)
+            annotate(flow, proxy_id, code, meta.get(problem.MESSAGE))
+
     def response(self, flow: http.HTTPFlow) -> None:
         self.record(flow)
 
@@ -137,15 +154,18 @@ class Recorder:
         self.record(flow)
 
     def record(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(RECORDED) or self.writer is None:
+        meta = flow.metadata
+        if meta.get(RECORDED) or self.writer is None:
             return
-        flow.metadata[RECORDED] = True
+        meta[RECORDED] = True
+        if PROBE in meta:
+            return  # an answered health probe: counted by the health stage, not a row
         try:
             row = self.row(flow)
         except Exception:
             logger.exception("keyswap: could not build the activity log row")
             return
-        annotate(flow, row)
+        annotate(flow, row["proxy_id"], row["proxy_code"], row["message"])
         self.writer.add("requests", row)
 
     def redaction(self) -> Redaction:
@@ -210,13 +230,30 @@ def target_url(flow: http.HTTPFlow) -> str:
     return origin_of(dest["scheme"], dest["host"], dest["port"]) + flow.request.path
 
 
-def annotate(flow: http.HTTPFlow, row: dict[str, Any]) -> None:
-    """What keyswap decided, at a glance in mitmweb."""
-    flow.comment = f"keyswap {row['proxy_id'] or '-'}: {row['proxy_code']}: {row['message']}"
-    if row["proxy_code"] == problem.DENIED:
-        flow.marked = ":no_entry:"
-    elif row["proxy_code"] == problem.PROXY_ERROR:
-        flow.marked = ":warning:"
+MARKERS = {problem.DENIED: ":no_entry:", problem.PROXY_ERROR: ":warning:"}
+
+
+def annotate(
+    flow: http.HTTPFlow, proxy_id: str | None, code: str | None, message: str | None
+) -> None:
+    """What keyswap decided, at a glance in mitmweb: `proxy · code` first, so that the
+    comment column shows it, then why; refused and failed flows are marked."""
+    flow.comment = f"{proxy_id or '-'} · {code or '-'} · {message or ''}"
+    if marker := MARKERS.get(code or ""):
+        flow.marked = marker
+
+
+def show_gateway_url(flow: http.HTTPFlow) -> None:
+    """A request that went to no target shows the gateway's own URL: the address the
+    client connected to, not reverse mode's placeholder, which mitmproxy also wrote into
+    its Host header before any addon saw it (so the client's own Host is gone)."""
+    client = flow.client_conn
+    host, port = client.sockname[0], client.sockname[1]
+    scheme = "https" if client.tls else "http"
+    request = flow.request
+    data = request.data
+    data.scheme, data.host, data.port = scheme.encode(), host, port
+    request.host_header = authority(host, port, scheme)
 
 
 def _size(counted: int | None, message: http.Message | None) -> int | None:

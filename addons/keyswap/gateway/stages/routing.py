@@ -1,4 +1,5 @@
-"""Routing: the request path's prefix picks the proxy, on whole path segments."""
+"""Routing: the request path's prefix picks the proxy, on whole path segments. A flow
+replayed from mitmweb (or `--client-replay`) goes nowhere: it is refused here."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ class Router:
         self.settings = settings
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.is_replay == "request":  # before the guard: it overrides an earlier refusal
+            refuse_replay(flow)
+            return
         if flow.response or flow.error or not flow.live:
             return
         raw = flow.request.data.path
@@ -51,3 +55,30 @@ class Router:
         flow.metadata[problem.PROXY] = proxy_id
         flow.metadata[problem.ROUTE] = route
         flow.metadata[problem.REST] = rest
+
+
+# What a replay keeps of the flow's previous pass: its new id (the firewall's), and the
+# proxy and path it was sent to, so that its row and mitmweb say what was replayed.
+KEPT_ON_REPLAY = (problem.REQUEST_ID, problem.PROXY, problem.PATH)
+REPLAY_MESSAGE = (
+    "keyswap never replays a stored flow: it holds no proxy token and was rewritten for "
+    "its target; send the request again from its client"
+)
+
+
+def refuse_replay(flow: http.HTTPFlow) -> None:
+    """Refuse a replayed flow, as a new request with its own id, row and decision.
+
+    A stored flow cannot be authenticated again: the client's token was never kept (the
+    flow shows `********`), and its request is the one rewritten for the target, with
+    `********` where the credential goes. Replaying it through the stages would need
+    them to undo their own rewrite, and a mistake there would send the mask, or skip
+    authentication; refused here, before any stage acts on it, it cannot."""
+    meta = flow.metadata
+    kept = {key: meta[key] for key in KEPT_ON_REPLAY if key in meta}
+    for key in [key for key in meta if key.startswith("keyswap.")]:
+        del meta[key]  # the previous pass's decisions, row flag, connection and timers
+    meta.update(kept)
+    if problem.PATH in kept:  # the path as the client sent it (tokens masked), not the target's
+        flow.request.data.path = kept[problem.PATH].encode("utf-8", "surrogateescape")
+    problem.deny(flow, 403, "replay", REPLAY_MESSAGE)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import connection, http
+from mitmproxy.net.server_spec import ServerSpec
 from mitmproxy.proxy.layers.http import GetHttpConnection
 
 from keyswap.config.model import BasicProxyAuth, TargetTls, UpstreamProxy
@@ -96,7 +97,7 @@ class KeyedAddress(tuple[str, int]):
         return (KeyedAddress, (self[0], self[1], self.key, self.to_proxy))
 
 
-def addresses(key: ConnectionKey) -> tuple[KeyedAddress, tuple[str, KeyedAddress] | None]:
+def addresses(key: ConnectionKey) -> tuple[KeyedAddress, ServerSpec | None]:
     """What mitmproxy is asked to connect to for this key: the address, and the
     upstream proxy hop of a CONNECT tunnel (None when there is none). Fresh objects per
     flow: a timed-out flow's transports are found by their identity (failures.py)."""
