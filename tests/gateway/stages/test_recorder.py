@@ -15,6 +15,7 @@ from keyswap.gateway.stages.health import Health
 from keyswap.gateway.stages.recorder import Recorder, _preview, annotate
 from keyswap.gateway.stages.routing import Router
 from keyswap.state.store import open_db
+from keyswap.state.writer import Writer
 from tests.support import ROOT
 
 CONFIG = Config.model_validate(
@@ -161,3 +162,16 @@ def test_datasette_canned_queries_run_on_the_schema(tmp_path: Path) -> None:
             list(db.query(query["sql"]))
     finally:
         db.close()
+
+
+def test_the_shutdown_line_says_what_was_written_in_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder(Settings())
+    rec.writer = Writer(tmp_path / "k.db")
+    with caplog.at_level("INFO"):
+        rec.done()
+    line = next(r.getMessage() for r in caplog.records if "activity log closed" in r.getMessage())
+    assert line == (
+        f"keyswap: activity log closed: 0 rows written, 0 dropped, 0 failed ({tmp_path / 'k.db'})"
+    )

@@ -118,7 +118,14 @@ class Recorder:
             logging.setLogRecordFactory(self._previous_factory)
         if self.writer is not None:
             self.writer.close()
-            logger.info("keyswap: activity log closed (%s)", self.writer.report())
+            report = self.writer.report()
+            logger.info(
+                "keyswap: activity log closed: %d rows written, %d dropped, %d failed (%s)",
+                report["rows_written"],
+                report["rows_dropped"],
+                report["write_failures"],
+                report["db"],
+            )
 
     def report(self) -> dict[str, Any]:
         return self.writer.report() if self.writer else {}
