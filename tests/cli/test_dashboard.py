@@ -64,8 +64,10 @@ class Served:
 
     def __init__(self, path: Path) -> None:
         self.name = views.served_name(path)
-        self.datasette = command.datasette(path, self.name)
-        self.app = command.hiding_columns(self.datasette.app(), self.name, views.HIDDEN_COLUMNS)
+        self.datasette = command.datasette_for(path, self.name)
+        self.app = command.with_table_defaults(
+            self.datasette.app(), self.name, views.HIDDEN_COLUMNS
+        )
 
     def get(self, *paths: str) -> list[httpx.Response]:
         async def run() -> list[httpx.Response]:
@@ -135,17 +137,23 @@ def test_a_chart_page_without_filters_shows_the_default_window(dash: Served) -> 
     assert data.status_code == 200 and len(data.json()["rows"]) > 50
 
 
-def test_the_requests_table_newest_first_without_header_columns(dash: Served) -> None:
+def test_the_requests_table_newest_first_for_a_day_without_header_columns(dash: Served) -> None:
     table_url = f"/{dash.name}/requests"
     bare, as_json = dash.get(table_url, f"{table_url}.json?_shape=objects")
     assert bare.status_code == 302
     location = bare.headers["location"]
-    assert location == table_url + "?" + "&".join(f"_nocol={c}" for c in views.HIDDEN_COLUMNS)
-    (table,) = dash.get(location)
+    hidden = "&".join(f"_nocol={c}" for c in views.HIDDEN_COLUMNS)
+    assert re.fullmatch(
+        rf"{table_url}\?started_at__gte=[-0-9T%A.]+Z&{hidden}&_defaults=1", location
+    )
+    # and "Show all columns", which keeps the marker of the defaults
+    table, everything = dash.get(location, f"{table_url}?_defaults=1")
     assert table.status_code == 200
     assert "col-request_headers" not in table.text and "col-started_at" in table.text
+    assert "facets-timed-out" not in table.text
     for facet in views.FACETS:
         assert f'data-column="{facet}"' in table.text
+    assert everything.status_code == 200 and "col-request_headers" in everything.text
     rows = as_json.json()["rows"]  # the JSON API is not redirected: it has every column
     assert "request_headers" in rows[0]
     stamps = [r["started_at"] for r in rows]

@@ -157,3 +157,31 @@ def test_ctrl_c_ends_any_command_without_aborted(monkeypatch: pytest.MonkeyPatch
 
     result = CliRunner().invoke(group, ["slow"])
     assert ended and result.exit_code == 130 and "Aborted" not in result.output
+
+
+def test_a_failed_result_is_still_one_document(tmp_path: Path) -> None:
+    broken = ROOT / "tests" / "broken" / "dangling-refs.yaml"
+    result = CliRunner().invoke(main, ["check", "--config", str(broken), "--json"])
+    assert result.exit_code == 1 and "is invalid (3 errors)" in result.stderr
+    document = json.loads(result.stdout)
+    assert document["valid"] is False
+    assert [e["path"] for e in document["errors"]] == [
+        "targets.api.credential",
+        "targets.api.upstream_proxy",
+        "proxies.p.target",
+    ]
+    assert {"file", "line", "message"} <= set(document["errors"][0])
+    reference = str(ROOT / "config" / "keyswap.yaml")
+    unknown = CliRunner().invoke(main, ["proxies", "show", "nope", "--json", "--config", reference])
+    assert unknown.exit_code == 1 and "nope" in unknown.stderr
+    assert unknown.stdout == ""  # no result: nothing on stdout
+
+
+def test_proxies_show_json_has_token_ids_never_digests(config: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["proxies", "show", "crm-prod", "--json", "--config", str(config)]
+    )
+    shown = json.loads(result.stdout)
+    assert shown["tokens"] == [{"id": "web", "created": "2026-11-21T10:00:00Z"}]
+    assert shown["urls"][0] == "https://eu.gw.example.com/api/crm-prod"
+    assert "sha256" not in result.stdout and "3bed53eb" not in result.stdout

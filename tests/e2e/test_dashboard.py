@@ -39,8 +39,8 @@ SCREENSHOT = ROOT / "docs" / "dashboard.png"
 VEGA_CHARTS = [slug for slug, c in views.charts("x").items() if c["library"] == "vega-lite"]
 METRICS = [slug for slug, c in views.charts("x").items() if c["library"] == "metric"]
 
-# What a chart holds once drawn (on the dashboard, or alone on its page): the number of a metric, the marks of a Vega-Lite
-# view (its SVG paths: areas, lines, bars), by chart slug.
+# What each chart holds once drawn, on the dashboard or alone on its page, by slug: the
+# number of a metric, the marks of a Vega-Lite view (its SVG paths: areas, lines, bars).
 DRAWN = """(() => Object.fromEntries([...document.querySelectorAll('.dashboard-card-chart, .chart-container')].map(
   card => [card.id.replace(/^chart-/, ''), {
     number: card.querySelector('p') ? card.querySelector('p').textContent : null,
@@ -62,8 +62,8 @@ def chromium_or_skip() -> str:
 
 
 @dataclass
-class Gateway:
-    """Appends a row every 20 ms, as a gateway's writer does, never waiting for a lock:
+class LiveWriter:
+    """Appends a row every 20 ms, as a running gateway does, never waiting for a lock:
     a reader that held one would make a write fail here."""
 
     path: Path
@@ -96,9 +96,9 @@ class Gateway:
 
 
 @contextmanager
-def writing(path: Path) -> Iterator[Gateway]:
-    """A gateway writing to `path` until the block ends or it is `stop`ped."""
-    gateway = Gateway(path)
+def writing(path: Path) -> Iterator[LiveWriter]:
+    """A writer appending to `path` until the block ends or it is `finish`ed."""
+    gateway = LiveWriter(path)
     gateway.thread = threading.Thread(target=gateway.run, daemon=True)
     gateway.thread.start()
     try:
@@ -116,89 +116,82 @@ def test_every_dashboard_page_renders_in_a_browser(tmp_path: Path) -> None:
     chromium = chromium_or_skip()
     db = tmp_path / "gateway.db"
     rows = write_log(db)
+    name = views.served_name(db)
     port = free_port()
-    cmd = [str(BIN / "keyswap"), "dashboard", "--db", str(db), "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     board = f"{base}/-/dashboards/{views.DASHBOARD}"
     started = time.monotonic()
-    with writing(db) as gateway:
-        dashboard = start(cmd, port, tmp_path / "dashboard.log")
-        try:
-            with Chromium(chromium, tmp_path) as browser:
-                page = browser.page(width=1280, height=900)
-                visit(
-                    page,
-                    f"{base}/-/dashboards",
-                    "!!document.querySelector('a[href$=\"/keyswap\"]')",
-                )
-
-                # The main dashboard: redirected to the default window, every chart drawn.
-                visit(page, board, ALL_DRAWN)
-                assert page.evaluate("location.search") == "?last=24+hours"
-                drawn = page.evaluate(DRAWN)
-                assert set(drawn) == set(views.charts("x"))
-                for slug in VEGA_CHARTS:
-                    assert drawn[slug]["marks"] > 0, (slug, drawn[slug])
-                for slug in METRICS:
-                    assert drawn[slug]["number"].strip()[0].isdigit(), (slug, drawn[slug])
-                shot = tmp_path / "dashboard.png"
-                page.screenshot(shot)
-                assert (
-                    shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
-                )
-                if os.environ.get("KEYSWAP_SCREENSHOT"):
-                    shutil.copyfile(shot, SCREENSHOT)
-                page.resize(900)
-
-                # Filtered: a week of one proxy.
+    cmd = [str(BIN / "keyswap"), "dashboard", "--db", str(db), "--port", str(port)]
+    dashboard = start(cmd, port, tmp_path / "dashboard.log")
+    try:
+        with Chromium(chromium, tmp_path) as browser:
+            page = browser.page(width=1280, height=900)
+            visit(page, f"{base}/-/dashboards", "!!document.querySelector('a[href$=\"/keyswap\"]')")
+            # first, as the generated day left it: the screenshot's data
+            main_dashboard(page, board, tmp_path / "dashboard.png")
+            with writing(db) as gateway:
+                # a week of one proxy
                 visit(page, f"{board}?last=7+days&proxy=crm-prod", ALL_DRAWN)
                 drawn = page.evaluate(DRAWN)
                 assert "crm-prod / sales-app" in drawn["tokens"]["text"]
                 assert "openai-agents" not in drawn["tokens"]["text"]
                 assert drawn["per_proxy"]["marks"] > 0 and drawn["upstream"]["marks"] > 0
-
-                # Each chart on its own page, with the filters and without any.
+                # each chart on its own page, with the filters and without any
                 for slug in views.charts("x"):
                     for query in ("?last=6+hours", ""):
                         visit(page, f"{board}/{slug}{query}", ALL_DRAWN)
-
-                # The requests table: newest first, header columns hidden, facets.
-                name = views.served_name(db)
-                visit(
-                    page,
-                    f"{base}/{name}/requests",
-                    "!!document.querySelector('table.rows-and-columns')",
-                )
-                table = page.evaluate(
-                    """({
-                      search: location.search,
-                      columns: [...document.querySelectorAll('table.rows-and-columns th')].map(
-                        th => th.className),
-                      started: [...document.querySelectorAll('td.col-started_at')].map(
-                        td => td.textContent.trim()),
-                      facets: [...document.querySelectorAll('.facet-info')].map(
-                        f => f.dataset.column),
-                    })"""
-                )
-                assert "_nocol=request_headers" in table["search"]
-                assert not [c for c in table["columns"] if "request_headers" in c]
-                assert table["started"] == sorted(table["started"], reverse=True)
-                assert set(views.FACETS) <= set(table["facets"])
-
-                # Datasette's own pages and the canned queries.
+                requests_table(page, f"{base}/{name}/requests")
+                # Datasette's own pages and the canned queries
                 for path in ["/", f"/{name}", f"/{name}/audit"]:
                     visit(page, base + path)
                 for query in views.QUERIES:
                     visit(page, f"{base}/{name}/{query}", "!!document.querySelector('h1')")
-            browse_s = time.monotonic() - started
+                browse_s = time.monotonic() - started
 
-            # What the gateway wrote meanwhile is in the dashboard: no stale copy.
-            gateway.finish()
-            count = quote("select count(*) as n from requests")
-            answer = httpx.get(f"{base}/{name}.json?sql={count}&_shape=array", timeout=30)
-            assert answer.json() == [{"n": rows + gateway.written}]
-        finally:
-            dashboard.stop()
+                # What the gateway wrote meanwhile is in the dashboard: no stale copy.
+                gateway.finish()
+                count = quote("select count(*) as n from requests")
+                answer = httpx.get(f"{base}/{name}.json?sql={count}&_shape=array", timeout=30)
+                assert answer.json() == [{"n": rows + gateway.written}]
+    finally:
+        dashboard.stop()
     assert gateway.refused == [], "the dashboard held a lock the gateway needed"
     assert gateway.written > 20
     print(f"browser test: {browse_s:.1f} s, {gateway.written} rows written meanwhile")
+
+
+def main_dashboard(page: Page, board: str, shot: Path) -> None:
+    """Redirected to the default window, every chart drawn with marks; its screenshot."""
+    visit(page, board, ALL_DRAWN)
+    assert page.evaluate("location.search") == "?last=24+hours"
+    drawn = page.evaluate(DRAWN)
+    assert set(drawn) == set(views.charts("x"))
+    for slug in VEGA_CHARTS:
+        assert drawn[slug]["marks"] > 0, (slug, drawn[slug])
+    for slug in METRICS:
+        assert drawn[slug]["number"].strip()[0].isdigit(), (slug, drawn[slug])
+    page.screenshot(shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+    if os.environ.get("KEYSWAP_SCREENSHOT"):
+        shutil.copyfile(shot, SCREENSHOT)
+    page.resize(900)
+
+
+def requests_table(page: Page, url: str) -> None:
+    """The last day, newest first, the header columns hidden, the facets."""
+    visit(page, url, "!!document.querySelector('table.rows-and-columns')")
+    table = page.evaluate(
+        """({
+          search: location.search,
+          columns: [...document.querySelectorAll('table.rows-and-columns th')].map(
+            th => th.className),
+          started: [...document.querySelectorAll('td.col-started_at')].map(
+            td => td.textContent.trim()),
+          facets: [...document.querySelectorAll('.facet-info')].map(f => f.dataset.column),
+        })"""
+    )
+    assert "started_at__gte=" in table["search"]
+    assert "_nocol=request_headers" in table["search"]
+    assert not [c for c in table["columns"] if "request_headers" in c]
+    assert table["started"] == sorted(table["started"], reverse=True)
+    assert set(views.FACETS) <= set(table["facets"])

@@ -77,28 +77,36 @@ def test_database_names(path: str, datasette: str, served: str) -> None:
     assert dashboard.served_name(path) == served
 
 
+HIDE = "_nocol=request_headers&_nocol=response_headers&_defaults=1"
+DAY = "started_at__gte=2026-11-29T10%3A20%3A00.000Z"  # a day before NOW, to the minute
+NOW = calendar.timegm((2026, 11, 30, 10, 20, 31, 0, 0, 0)) + 0.5
+
+
 @pytest.mark.parametrize(
     ("path", "query", "location"),
     [
-        ("/k/requests", "", "/k/requests?_nocol=request_headers&_nocol=response_headers"),
+        ("/k/requests", "", f"/k/requests?{DAY}&{HIDE}"),
+        # the user's filters stay as they are; only the columns change
         (
             "/k/requests",
             "proxy_id=crm&_sort=status",
-            "/k/requests?proxy_id=crm&_sort=status&_nocol=request_headers&_nocol=response_headers",
+            f"/k/requests?proxy_id=crm&_sort=status&{HIDE}",
         ),
         ("/k/requests", "_nocol=path", None),  # the page says which columns
         ("/k/requests", "_col=id&_col=request_headers", None),
+        ("/k/requests", "_defaults=1", None),  # what "Show all columns" leaves
+        ("/k/requests", "proxy_id=crm&_defaults=1", None),  # the filter form, without the day
         ("/k/requests.json", "", None),
         ("/k/requests/0190abc", "", None),  # a row shows everything
         ("/k/audit", "", None),
         ("/other/requests", "", None),
     ],
 )
-def test_the_requests_table_hides_the_header_columns_unless_asked(
+def test_the_requests_table_opens_on_the_last_day_without_header_columns(
     path: str, query: str, location: str | None
 ) -> None:
     columns = ("request_headers", "response_headers")
-    assert dashboard.hide_columns(path, query, "k", columns) == location
+    assert dashboard.table_defaults(path, query, "k", columns, now=NOW) == location
 
 
 def plans(conn: sqlite3.Connection, sql: str, **params: str) -> list[str]:

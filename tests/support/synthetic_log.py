@@ -103,6 +103,6 @@ def fill(db: Database, count: int, *, end: float | None = None, wide: bool = Tru
     )
     span = DAYS * 86400.0
     start = (end if end is not None else time.time()) - span
-    sql = f"insert into requests ({', '.join(columns)}) {select}"  # noqa: S608
+    sql = f"insert into requests ({', '.join(columns)}) {select}"
     with db.conn:
         db.conn.execute(sql, {"count": count, "start": start, "span": span})

@@ -74,6 +74,8 @@ def check_json(config_path: str, live_db: str | None) -> None:
         raise click.ClickException(
             f"{config_path} is invalid ({n} error{'s' * (n != 1)})"
         ) from None
+    for warning in loaded.warnings:
+        click.echo(f"warning: {warning}", err=True)
     c = loaded.config
     document: dict[str, Any] = {
         "path": str(loaded.path),

@@ -20,10 +20,16 @@ from keyswap.net.urls import hostport
 from keyswap.state import dashboard as views
 
 INSTALL = "pip install 'keyswap[datasette]'"
-# Datasette's defaults suit ad-hoc SQL. A chart reads every row of its time window, and
-# a time series of many proxies has more than 1,000 points; a long read never blocks
-# the gateway's writes (WAL), it only holds back a checkpoint while it runs.
-SETTINGS = {"sql_time_limit_ms": 10_000, "max_returned_rows": 10_000, "suggest_facets": False}
+# Datasette's defaults suit ad-hoc SQL. A chart reads every row of its time window, a
+# time series of many proxies has more than 1,000 points, and a facet of the requests
+# table counts a day of them; a long read never blocks the gateway's writes (WAL), it
+# only holds back a checkpoint while it runs. Suggested facets would scan the table.
+SETTINGS = {
+    "sql_time_limit_ms": 10_000,
+    "max_returned_rows": 10_000,
+    "facet_time_limit_ms": 1_000,
+    "suggest_facets": False,
+}
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -67,7 +73,7 @@ def dashboard(
         return
     hidden = check_log(path)
     name = views.served_name(path)
-    app = hiding_columns(datasette(path, name).app(), name, hidden)
+    app = with_table_defaults(datasette_for(path, name).app(), name, hidden)
     import uvicorn  # Datasette's own server, installed with it
 
     url = f"http://{hostport(host, port)}/-/dashboards/{views.DASHBOARD}"
@@ -106,10 +112,9 @@ def check_log(path: Path) -> tuple[str, ...]:
     return tuple(c for c in views.HIDDEN_COLUMNS if c in columns)
 
 
-def datasette(path: Path, name: str) -> Any:
+def datasette_for(path: Path, name: str) -> Any:
     """Datasette serving `path` as `name` with keyswap's metadata, never writing to it."""
     try:
-        # datasette has no type information
         import datasette_dashboards  # noqa: F401  (the charts: found by Datasette as a plugin)
         from datasette.app import Datasette  # type: ignore[import-untyped]
         from datasette.database import Database  # type: ignore[import-untyped]
@@ -136,14 +141,14 @@ def datasette(path: Path, name: str) -> Any:
     return ds
 
 
-def hiding_columns(app: ASGIApp, name: str, hidden: tuple[str, ...]) -> ASGIApp:
-    """`app`, but the `requests` table page redirects to itself without the `hidden`
-    columns when it does not say which to show (Datasette's metadata cannot)."""
+def with_table_defaults(app: ASGIApp, name: str, hidden: tuple[str, ...]) -> ASGIApp:
+    """`app`, but the `requests` table page redirects to its defaults (`table_defaults`:
+    the `hidden` columns left out, the last day), which Datasette's metadata cannot say."""
 
     async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and hidden:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
             query = scope.get("query_string", b"").decode("latin-1")
-            location = views.hide_columns(scope["path"], query, name, hidden)
+            location = views.table_defaults(scope["path"], query, name, hidden)
             if location:
                 headers = [(b"location", location.encode()), (b"content-length", b"0")]
                 await send({"type": "http.response.start", "status": 302, "headers": headers})

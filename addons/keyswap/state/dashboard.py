@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import yaml
+
+from keyswap.state.store import iso
 
 DASHBOARD = "keyswap"  # the dashboard's slug: /-/dashboards/keyswap
 
@@ -60,27 +63,6 @@ _SLOT = f"cast(strftime('%s', started_at) as integer) / ({_STEP})"  # the bucket
 _TIME = f"strftime('%Y-%m-%dT%H:%M:%SZ', slot * ({_STEP}), 'unixepoch')"
 _UNTIL = f"strftime('%Y-%m-%dT%H:%M:%SZ', (slot + 1) * ({_STEP}), 'unixepoch')"
 _PROXY = "coalesce(proxy_id, '(no proxy)')"
-
-
-def _percentiles(where: str, group: str, name: str) -> str:
-    """p50/p95/p99 of forwarded requests' durations, nearest rank like `keyswap stats`:
-    the smallest duration with at least q of them at or below (`rank >= q * n`, in
-    integers, because SQLite has no percentile function and may lack ceil())."""
-    return f"""\
-with ranked as (
-  select {group} as {name}, duration_ms,
-         row_number() over (partition by {group} order by duration_ms) as rank,
-         count(*) over (partition by {group}) as n
-  from requests
-  where {where} and {GRANTED} and duration_ms is not null
-)
-select {name},
-       min(case when rank * 100 >= 50 * n then duration_ms end) as p50,
-       min(case when rank * 100 >= 95 * n then duration_ms end) as p95,
-       min(case when rank * 100 >= 99 * n then duration_ms end) as p99
-from ranked
-group by {name}
-order by {name}"""  # noqa: S608
 
 
 def _time_axis() -> dict[str, Any]:
@@ -138,7 +120,7 @@ from requests
 where {IN_WINDOW} and {DENIED}
 group by reason, proxy
 order by refused desc
-limit 200"""  # noqa: S608
+limit 40"""  # noqa: S608
     outcome = f"case when {ERROR} then 'error' when {DENIED} then 'denied' else 'forwarded' end"
     tokens = f"""\
 with usage as (
@@ -162,6 +144,26 @@ from (
   group by slot, upstream_proxy
 )
 order by time, upstream_proxy"""  # noqa: S608
+    # p50/p95/p99 of forwarded requests' durations, nearest rank like `keyswap stats`:
+    # the smallest duration with at least q of them at or below. SQLite has no percentile
+    # function (and may lack ceil()): `rank >= q * n`, in integers. The partition is an
+    # expression, not the column: by the column, SQLite would walk a whole index that
+    # starts with proxy_id for its order, instead of searching the window.
+    latency = f"""\
+with ranked as (
+  select {_PROXY} as proxy, duration_ms,
+         row_number() over (partition by {_PROXY} order by duration_ms) as rank,
+         count(*) over (partition by {_PROXY}) as n
+  from requests
+  where {IN_WINDOW} and {GRANTED} and duration_ms is not null
+)
+select proxy,
+       min(case when rank * 100 >= 50 * n then duration_ms end) as p50,
+       min(case when rank * 100 >= 95 * n then duration_ms end) as p95,
+       min(case when rank * 100 >= 99 * n then duration_ms end) as p99
+from ranked
+group by proxy
+order by proxy"""  # noqa: S608
     # The metrics: one number each, over the same window. Counting all requests reads
     # the index alone.
     counted = f"select count(*) as {{}}\nfrom requests\nwhere {IN_WINDOW}"
@@ -169,10 +171,6 @@ order by time, upstream_proxy"""  # noqa: S608
 select printf('%.2f', 100.0 * coalesce(sum({ERROR}), 0) / max(count(*), 1)) as error_pct
 from requests
 where {IN_WINDOW}"""  # noqa: S608
-    stacked_time = {
-        "x": _time_axis(),
-        "y": {"field": "requests", "type": "quantitative", "stack": "zero", "title": None},
-    }
     return {
         "requests": _metric("Requests", counted.format("requests"), database, "requests"),
         "error_pct": _metric("Error rate", error_pct, database, "error_pct", "%"),
@@ -192,8 +190,14 @@ where {IN_WINDOW}"""  # noqa: S608
             {
                 "mark": {"type": "area", "line": True, "point": False, "opacity": 0.8},
                 "encoding": {
-                    **stacked_time,
-                    "y": {**stacked_time["y"], "impute": {"value": 0}},
+                    "x": _time_axis(),
+                    "y": {
+                        "field": "requests",
+                        "type": "quantitative",
+                        "stack": "zero",
+                        "title": None,
+                        "impute": {"value": 0},  # no line across a bucket without requests
+                    },
                     "color": {"field": "proxy", "type": "nominal", "title": "proxy"},
                     "tooltip": [
                         {"field": "time", "type": "temporal", "format": "%Y-%m-%d %H:%M"},
@@ -228,7 +232,7 @@ where {IN_WINDOW}"""  # noqa: S608
         ),
         "latency": _vega_lite(
             "Latency per proxy, forwarded requests (ms)",
-            _percentiles(IN_WINDOW, _PROXY, "proxy"),
+            latency,
             database,
             {
                 "transform": [{"fold": ["p50", "p95", "p99"], "as": ["percentile", "ms"]}],
@@ -444,17 +448,31 @@ def served_name(path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", datasette_name(path)) or "keyswap"
 
 
-def hide_columns(
-    path: str, query: str, database: str, columns: tuple[str, ...] = HIDDEN_COLUMNS
+# Marks a `requests` table URL that has had its defaults: Datasette's "Show all columns"
+# drops `_nocol` and `_col` and its filter form keeps every `_` argument, so what the
+# user changes afterwards stays changed.
+DEFAULTS_APPLIED = "_defaults"
+
+
+def table_defaults(
+    path: str,
+    query: str,
+    database: str,
+    columns: tuple[str, ...] = HIDDEN_COLUMNS,
+    now: float | None = None,
 ) -> str | None:
-    """Where the `requests` table page should go instead: the same page with `columns`
-    left out, when it does not already say which columns to show."""
+    """Where a `requests` table URL should go instead, when it has not had its defaults:
+    the same page without `columns`; the bare table also only for the last 24 hours,
+    so that its facets count a day through the started_at index, not the whole log."""
     if path != f"/{database}/requests":
         return None
     args = parse_qsl(query, keep_blank_values=True)
-    if any(name in ("_col", "_nocol") for name, _ in args):
+    if any(name in ("_col", "_nocol", DEFAULTS_APPLIED) for name, _ in args):
         return None
-    args += [("_nocol", column) for column in columns]
+    if not args:
+        day_ago = (time.time() if now is None else now) - 86400
+        args.append(("started_at__gte", iso(day_ago // 60 * 60)))
+    args += [("_nocol", column) for column in columns] + [(DEFAULTS_APPLIED, "1")]
     return f"{path}?{urlencode(args)}"
 
 
