@@ -30,6 +30,11 @@ TARGET_SECRET = "activity-target-secret-5b2c"
 N = 5_000
 
 
+def dead_token(token: str) -> str:
+    """The dead proxy's token: another well-formed token (only `ks_<43>` is one)."""
+    return token[:-1] + ("A" if token[-1] != "A" else "B")
+
+
 def write_config(tmp: Path, echo: int, token: str) -> Path:
     path = tmp / "keyswap.yaml"
     path.write_text(
@@ -42,7 +47,7 @@ targets:
   dead: {{ base_url: "http://127.0.0.1:{free_port()}", credential: k }}
 proxies:
   live: {{ target: echo, tokens: [{{ id: web, sha256: {digest(token)} }}] }}
-  dead: {{ target: dead, tokens: [{{ id: web, sha256: {digest(token + "d")} }}] }}
+  dead: {{ target: dead, tokens: [{{ id: web, sha256: {digest(dead_token(token))} }}] }}
 """
     )
     return path
@@ -69,7 +74,7 @@ def kind(i: int, token: str) -> tuple[str, dict[str, str]]:
     if i % 5 == 3:
         return "/api/live/denied", {"x-proxy-token": "ks_wrong"}
     if i % 5 == 4:
-        return "/api/dead/err", {"x-proxy-token": token + "d"}
+        return "/api/dead/err", {"x-proxy-token": dead_token(token)}
     return f"/api/live/ok?i={i}", {"x-proxy-token": token}
 
 
@@ -147,7 +152,7 @@ def test_every_flow_gets_exactly_one_row(tmp_path: Path, echo: Process) -> None:
         timeout=60,
         check=True,
     ).stdout
-    assert len(logs.splitlines()) == N
+    assert len(json.loads(logs)) == N  # --json: one array
     assert TARGET_SECRET not in logs and token not in logs
 
 

@@ -307,6 +307,27 @@ def test_a_refused_request_records_no_token(stage: Stage) -> None:
     assert "********" in str(row["path"])
 
 
+def test_a_token_quoted_by_the_gateway_is_masked_everywhere(stage: Stage) -> None:
+    """Refusals that quote the client (a header name, an origin), and a request line cut
+    at the record's bound: the token is masked before anything is cut or shown."""
+    token = stage.token
+    named = refused(stage, request(stage, b"GET /api/p/x HTTP/1.1", f"{token}: 1".encode()), 400)
+    lower = request(stage, b"GET /api/p/x HTTP/1.1", f"x-{token.lower()}: 1".encode())
+    assert b"proxy token" in refused(stage, lower, 400).body
+    origin = send(
+        stage, request(stage, b"GET /api/p/x HTTP/1.1", f"Origin: http://{token}".encode())
+    )
+    long_line = f"GET /api/p/{'a' * 1000}{token}{'b' * 9000} HTTP/1.1".encode()
+    cut = refused(stage, request(stage, long_line), 414)
+    time.sleep(0.6)
+    ids = {a.headers["keyswap-request-id"] for a in (named, origin, cut)}
+    rows = [r for r in log_rows(stage) if r["id"] in ids]
+    assert len(rows) == 3
+    for answer in (named, origin, cut):
+        assert token[3:20] not in repr(answer)
+    assert token[3:20] not in json.dumps(rows), rows
+
+
 def test_a_huge_head_is_cut_at_the_limit_and_memory_stays_flat(stage: Stage) -> None:
     """mitmproxy reads a head whole; the gate refuses it once it crosses the limit."""
     huge = request(stage, b"GET /api/p/x HTTP/1.1", b"X-Big: " + b"a" * (8 << 20))

@@ -8,6 +8,8 @@ from typing import Final, Literal
 
 from mitmproxy import http
 
+from keyswap.config.secrets import mask_tokens
+
 # flow.metadata keys
 REQUEST_ID = "keyswap.request_id"
 PROXY = "keyswap.proxy"
@@ -85,7 +87,9 @@ def one_line(text: str) -> str:
 
 def decide(flow: http.HTTPFlow, code: Code, message: str) -> None:
     flow.metadata[CODE] = code
-    flow.metadata[MESSAGE] = one_line(message)
+    # A message may quote the client (an origin, a header name): never a token in it,
+    # since the message is also a response header that mitmweb shows and flows keep.
+    flow.metadata[MESSAGE] = one_line(mask_tokens(message))
 
 
 def stamp(flow: http.HTTPFlow, response: http.Response) -> None:

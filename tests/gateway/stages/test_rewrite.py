@@ -52,6 +52,8 @@ def test_destinations(rest: str, query: str, url: str, relative: str) -> None:
         ("/https:%2F%2Fevil.test/", "written plainly"),
         ("/https:/evil.test/", "written plainly"),
         ("/https://api.example.com:99999/", "invalid port"),
+        ("/https://[abc/x", "malformed"),  # once a 500 and a traceback
+        ("/https://abc]/x", "malformed|neither"),
     ],
 )
 def test_refusals(rest: str, message: str) -> None:

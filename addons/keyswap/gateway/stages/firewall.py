@@ -17,6 +17,7 @@ never less than the longest time a target is allowed to take)."""
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING
 
 from mitmproxy import connection, ctx, http
@@ -35,6 +36,8 @@ TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrs
 NOT_IN_TARGET = bytes(range(0x21)) + b"\x7f"
 # What may not stand in a field value: controls but HTAB, and DEL (RFC 9110 5.5).
 NOT_IN_VALUE = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
+# A proxy token in a header name, in any case (names are case-insensitive).
+TOKEN_NAME = re.compile(rb"(?i)ks_[a-z0-9_-]{43}")
 METHOD_BYTES = 32  # the longest registered method is 17 bytes (VERSION-CONTROL)
 
 
@@ -104,6 +107,9 @@ class Firewall:
         names = b"".join(k for k, _ in fields)
         if names.translate(None, TCHAR) or any(not k for k, _ in fields):
             return 400, "a header name is not a valid token"
+        if b"ks_" in names.lower() and TOKEN_NAME.search(b"\n".join(k for k, _ in fields)):
+            # Names are forwarded and logged as they are: a token must not hide in one.
+            return 400, "a header name holds a proxy token; send the token as a value"
         values = b"".join(v for _, v in fields)
         if len(values.translate(None, NOT_IN_VALUE)) != len(values):
             return 400, (

@@ -34,6 +34,7 @@ from mitmproxy.proxy.layers.http import _http1
 
 from keyswap.config.loader import LoadedConfig
 from keyswap.config.model import Limits
+from keyswap.config.secrets import mask_token_bytes
 from keyswap.gateway import problem
 from keyswap.gateway.stages.firewall import HEAD_TOO_LARGE, REASONS, URL_TOO_LONG
 from keyswap.net.text import shown
@@ -114,9 +115,11 @@ class GatewayHttp1Server(_http1.Http1Server):
     ) -> Generator[commands.Command, Any, None]:
         """Answer from the gate, log the request, and close the connection lingeringly."""
         self.state = self.dropping
-        head = bytes(self.buf)[:2048]
+        # The whole first line, tokens masked before it is cut: a token cut in two is
+        # no longer shaped like one, and would be recorded.
+        line = mask_token_bytes(bytes(self.buf).split(b"\n", 1)[0].rstrip(b"\r"))
         self.buf = ReceiveBuffer()
-        method, _, rest = head.split(b"\r\n", 1)[0].partition(b" ")
+        method, _, rest = line.partition(b" ")
         path = rest.rpartition(b" ")[0] or rest
         now = time.time()
         flow = http.HTTPFlow(self.context.client, self.context.server)

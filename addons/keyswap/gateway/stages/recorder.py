@@ -91,7 +91,7 @@ class Recorder:
             message = record.getMessage()
         except Exception:  # a malformed record is left to logging's own error handling
             return record
-        clean = self.redaction().text(shown(message))
+        clean = shown(self.redaction().text(message))  # mask first: a cut token is no token
         if clean != message:
             record.msg, record.args = clean, None
         return record
@@ -192,6 +192,9 @@ class Recorder:
         config = self.settings.runtime.config if self.settings.runtime.loaded else None
         error = meta.get(problem.ERROR) or (flow.error.msg if flow.error else None)
         code = meta.get(problem.CODE) or (problem.PROXY_ERROR if error else None)
+        # Both may quote what the client sent (an origin, a header name): masked like
+        # every other field.
+        message = meta.get(problem.MESSAGE) or (problem.one_line(error) if error else None)
         row: dict[str, Any] = {
             "id": meta.get(problem.REQUEST_ID) or new_request_id(),
             "started_at": iso(request.timestamp_start),
@@ -207,8 +210,8 @@ class Recorder:
             "target_url": redact.url(target_url(flow)) if problem.DESTINATION in meta else None,
             "status": response.status_code if response else None,
             "proxy_code": code,
-            "message": meta.get(problem.MESSAGE) or (error and problem.one_line(error)),
-            "error": error,
+            "message": redact.text(message) if message else None,
+            "error": redact.text(error) if error else None,
             "upstream_proxy": meta.get(UPSTREAM),
             "bytes_in": _size(meta.get(problem.BYTES_IN), request),
             "bytes_out": _size(meta.get(problem.BYTES_OUT), response),

@@ -97,7 +97,10 @@ def _full_url(
     raw = rest.lstrip("/")
     if not re.match(r"https?://", raw, re.IGNORECASE):
         raise Refused("a full URL must be written plainly as https://host/path")
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+    except ValueError:  # an unbalanced [ or ] in the authority
+        raise Refused("the full URL is malformed") from None
     if "@" in parts.netloc:
         raise Refused("a full URL may not carry user information ('@')")
     try:
