@@ -2,13 +2,14 @@
 
 Every ```console block in README.md and docs/*.md is run, in order, one document at a
 time, in a scratch copy of the repository's config/, scripts/ and tests/broken/ with a
-real gateway serving config/demo.yaml (scripts/run's demo) in front of the real echo
-target. `$ ` starts a command (a trailing `\\` continues it); the lines up to the next
-command are its expected output, where `...` stands for any text, including none or
-several lines. `localhost:8080` (or `127.0.0.1:8080`) names the demo gateway and
-`127.0.0.1:9911` the echo target, whatever ports they really have. `export NAME=...`
-carries over to the document's later commands. Blocks fenced as ```sh are illustrations
-and are not run."""
+real gateway serving config/demo.yaml (scripts/run's demo, its log in var/demo.db) in
+front of the real echo target. `$ ` starts a command (a trailing `\\` continues it); the
+lines up to the next command are its expected output, where `...` stands for any text,
+including none or several lines. `localhost:8080` (or `127.0.0.1:8080`) names the demo
+gateway and `127.0.0.1:9911` the echo target, whatever ports they really have.
+`export NAME=...` and `. .venv/bin/activate` (the repository's own environment) carry
+over to the document's later commands. Blocks fenced as ```sh are illustrations and are
+not run."""
 
 from __future__ import annotations
 
@@ -102,12 +103,15 @@ def test_console_examples_run_as_shown(doc: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     for name in COPIED:
         shutil.copytree(ROOT / name, work / name)
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    (work / "var").mkdir()
     echo = start_echo_target(tmp_path)
     port_env = {"KEYSWAP_DEMO_TARGET_PORT": str(echo.port)}
     gateway = None
     try:
         port = free_port()
         cmd = [str(BIN / "keyswap"), "serve", "--config", str(work / "config" / "demo.yaml")]
+        cmd += ["--db", str(work / "var" / "demo.db")]  # as scripts/run does
         gateway = start(
             [*cmd, "--listen", f"127.0.0.1:{port}"], port, tmp_path / "gw.log", port_env
         )
@@ -128,7 +132,7 @@ def test_console_examples_run_as_shown(doc: Path, tmp_path: Path) -> None:
 
         for step in steps(doc):
             command = local(step.command)
-            if command.startswith("export "):
+            if command.startswith(("export ", ". ")):
                 exports.append(command)
             script = "\n".join([*exports, command])
             done = subprocess.run(
