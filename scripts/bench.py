@@ -38,7 +38,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TOKEN = "ks_bench" + "0" * 38
+TOKEN = "ks_bench" + "0" * 37  # and one digit: proxy appI's token (ks_ and 43 characters)
 BODY = json.dumps({"id": 42, "name": "keyswap bench", "items": list(range(20))}).encode()
 
 

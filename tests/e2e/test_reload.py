@@ -85,6 +85,6 @@ def test_rotation_and_broken_files(tmp_path: Path) -> None:
         timeout=30,
         check=True,
     ).stdout
-    actions = [json.loads(line)["action"] for line in audit.splitlines()]
+    actions = [row["action"] for row in json.loads(audit)]  # --json: one array
     assert actions == ["reload", "reload-failed", "reload"]
     assert "YAML syntax error" in audit

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from keyswap.config.tokens import digest, new_token
+from tests.support import token_for
 from tests.support.processes import Gateway, Process, free_port, start_echo_target, start_gateway
 
 pytestmark = pytest.mark.e2e
@@ -80,7 +81,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     token = new_token()
     origin = f"https://localhost:{tls_echo.port}"
     proxies = "".join(
-        f"  {name}: {{ target: {name}, tokens: [{{ id: t, sha256: {digest(token + name)} }}] }}\n"
+        f"  {name}: {{ target: {name}, tokens: [{{ id: t, sha256: {digest(token_for(token, name))} }}] }}\n"
         for name in PROXIES
     )
     config = tmp / "keyswap.yaml"
@@ -114,7 +115,7 @@ class Client:
         self.local: set[tuple[str, int]] = set()
 
     def get(self, proxy: str, path: str = "/anything") -> tuple[int, dict[str, str], bytes]:
-        headers = {"x-proxy-token": self.world.token + proxy}
+        headers = {"x-proxy-token": token_for(self.world.token, proxy)}
         self.conn.request("GET", f"/api/{proxy}{path}", headers=headers)
         response = self.conn.getresponse()
         body = response.read()

@@ -19,6 +19,7 @@ import pytest
 import trustme
 
 from keyswap.config.tokens import digest, new_token
+from tests.support import token_for
 from tests.support.processes import (
     BIN,
     Gateway,
@@ -134,7 +135,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     text = text.replace("tokens: [", "tokens: [").rstrip("\n") + "\n"
     # every proxy shares the one token: each test names its route
     for name in PROXIES:
-        text += f"  {name}: {{ target: {name}, tokens: [{{ id: t, sha256: {digest(token + name)} }}] }}\n"
+        text += f"  {name}: {{ target: {name}, tokens: [{{ id: t, sha256: {digest(token_for(token, name))} }}] }}\n"
     path = tmp / "keyswap.yaml"
     path.write_text(text)
     env = {"CORP_PROXY_PASSWORD": PROXY_PASSWORD, "TARGET_SECRET": TARGET_SECRET}
@@ -146,7 +147,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
 
 
 def call(net: Net, proxy: str, path: str = "/x") -> httpx.Response:
-    token = net.token if proxy == "http-via" else net.token + proxy
+    token = net.token if proxy == "http-via" else token_for(net.token, proxy)
     return httpx.get(
         f"{net.gateway.url}/api/{proxy}{path}", headers={"x-proxy-token": token}, timeout=30
     )
@@ -201,7 +202,8 @@ def test_proxied_and_direct_connections_are_not_mixed_up(net: Net) -> None:
         for i in range(3):
             via = client.get(f"/api/http-via/mix-via-{i}", headers={"x-proxy-token": net.token})
             direct = client.get(
-                f"/api/direct/mix-direct-{i}", headers={"x-proxy-token": net.token + "direct"}
+                f"/api/direct/mix-direct-{i}",
+                headers={"x-proxy-token": token_for(net.token, "direct")},
             )
             assert "via" in via.json()["headers"] and "via" not in direct.json()["headers"]
     time.sleep(0.5)
@@ -252,7 +254,7 @@ def test_two_proxies_at_one_address_with_different_credentials(net: Net) -> None
     local = set()
 
     def get(proxy: str, path: str) -> tuple[int, bytes]:
-        token = net.token if proxy == "http-via" else net.token + proxy
+        token = net.token if proxy == "http-via" else token_for(net.token, proxy)
         conn.request("GET", f"/api/{proxy}{path}", headers={"x-proxy-token": token})
         response = conn.getresponse()
         body = response.read()
@@ -344,7 +346,7 @@ def test_proxy_password_never_leaves(net: Net) -> None:
             "wrong-https",
             "dead-proxy",
         ):
-            token = net.token if proxy == "http-via" else net.token + proxy
+            token = net.token if proxy == "http-via" else token_for(net.token, proxy)
             r = httpx.get(
                 f"{gateway.url}/api/{proxy}/status/204",
                 headers={"x-proxy-token": token},
