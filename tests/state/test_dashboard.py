@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from keyswap.state import dashboard
+from keyswap.state import dashboard, queries
 from keyswap.state.store import iso, open_db
 from tests.support import ROOT
 from tests.support.activity import write_log
@@ -132,9 +132,9 @@ def test_every_chart_finds_its_window_through_an_index(
 
 
 def test_the_proxy_choices_read_one_index_entry_per_proxy(full_log: sqlite3.Connection) -> None:
-    plan = [row[3] for row in full_log.execute("explain query plan " + dashboard.PROXY_CHOICES)]
+    plan = [row[3] for row in full_log.execute("explain query plan " + queries.PROXY_IDS)]
     assert not [p for p in plan if p.startswith("SCAN requests")], plan
-    assert [r[0] for r in full_log.execute(dashboard.PROXY_CHOICES)] == [
+    assert [r[0] for r in full_log.execute(queries.PROXY_IDS)] == [
         "crm-prod",
         "maps-web",
         "openai-agents",

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import yaml
 
+from keyswap.state.queries import PROXY_IDS
 from keyswap.state.store import iso
 
 DASHBOARD = "keyswap"  # the dashboard's slug: /-/dashboards/keyswap
@@ -338,15 +339,6 @@ LAYOUT = [
 
 # Loose index scan over (proxy_id, started_at): one index lookup per proxy, not a read
 # of the whole log, to list the proxy filter's choices.
-PROXY_CHOICES = """\
-with recursive proxies(proxy_id) as (
-  select min(proxy_id) from requests
-  union all
-  select (select min(proxy_id) from requests where proxy_id > proxies.proxy_id)
-  from proxies where proxies.proxy_id is not null
-)
-select proxy_id from proxies where proxy_id is not null"""
-
 QUERIES = {
     "errors_last_hour": {
         "title": "Errors in the last hour",
@@ -426,7 +418,7 @@ def metadata(database: str) -> dict[str, Any]:
                             "name": "Proxy",
                             "type": "select",
                             "db": database,
-                            "query": PROXY_CHOICES,
+                            "query": PROXY_IDS.strip(),
                         },
                     },
                     "charts": charts(database),

@@ -209,7 +209,7 @@ _PERCENTILE_COLUMNS = ", ".join(
 )
 
 # The distinct proxy ids, one index seek each (the index starts with proxy_id).
-_PROXY_IDS = """
+PROXY_IDS = """
 with recursive ids(proxy_id) as (
   select min(proxy_id) from requests
   union all
@@ -246,7 +246,7 @@ select {_PERCENTILE_COLUMNS} from ranked
 
 def proxy_ids(db: Database) -> list[str | None]:
     """The proxies the log has rows of; None for rows of no proxy (first, if any)."""
-    ids: list[str | None] = [r["proxy_id"] for r in db.query(_PROXY_IDS)]
+    ids: list[str | None] = [r["proxy_id"] for r in db.query(PROXY_IDS)]
     if list(db.query("select 1 from requests where proxy_id is null limit 1")):
         ids.insert(0, None)
     return ids
