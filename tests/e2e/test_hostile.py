@@ -328,6 +328,17 @@ def test_a_token_quoted_by_the_gateway_is_masked_everywhere(stage: Stage) -> Non
     assert token[3:20] not in json.dumps(rows), rows
 
 
+def test_a_protocol_error_quoting_a_token_shows_it_masked(stage: Stage) -> None:
+    """mitmproxy's own parse error quotes the bad line; the flow's error (shown by its
+    dumper on stdout, by mitmweb and in saved flows) must not carry the token."""
+    token = stage.token
+    answer = send(stage, request(stage, b"GET /api/p/x HTTP/1.1", f"{token} : v".encode()))
+    assert answer.status == 400
+    time.sleep(0.6)
+    assert token[3:20] not in stage.gateway.output()
+    assert token[3:20] not in json.dumps(log_rows(stage))
+
+
 def test_a_huge_head_is_cut_at_the_limit_and_memory_stays_flat(stage: Stage) -> None:
     """mitmproxy reads a head whole; the gate refuses it once it crosses the limit."""
     huge = request(stage, b"GET /api/p/x HTTP/1.1", b"X-Big: " + b"a" * (8 << 20))

@@ -30,6 +30,7 @@ from mitmproxy.proxy.layers.http._events import (
     ResponseProtocolError,
 )
 
+from keyswap.config.secrets import mask_tokens
 from keyswap.gateway import problem, wire
 from keyswap.gateway.stages.upstream import (
     PROXY_ANSWER,
@@ -168,6 +169,9 @@ class GatewayStream(http_layers.HttpStream):
     def handle_protocol_error(
         self, event: RequestProtocolError | ResponseProtocolError
     ) -> Generator[Any, Any, None]:
+        # mitmproxy quotes the offending bytes in its message, which becomes the flow's
+        # error (its dumper prints it, mitmweb shows it, flows keep it): no token in it.
+        event.message = mask_tokens(event.message)
         flow = getattr(self, "flow", None)
         not_sent = self.server_state in (
             self.state_uninitialized,

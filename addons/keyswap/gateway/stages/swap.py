@@ -16,7 +16,7 @@ from keyswap.config.model import (
     OAuth2Credential,
     QueryCredential,
 )
-from keyswap.config.secrets import MASK_BYTES, mask_token_bytes
+from keyswap.config.secrets import MASK_BYTES, mask_token_bytes, mask_tokens
 from keyswap.config.tokens import TOKEN_HEADERS
 from keyswap.gateway import problem, wire
 from keyswap.net import fields
@@ -35,10 +35,10 @@ class CredentialSwap:
         self.settings = settings
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
+        if flow.response is not None or flow.error is not None:
             mask(flow)  # refused: before mitmweb shows the new flow, not when it ends
             return
-        if flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
+        if not flow.live or problem.DESTINATION not in flow.metadata:
             return
         config = self.settings.runtime.config
         target = config.targets[flow.metadata[problem.TARGET]]
@@ -75,7 +75,8 @@ def _masked(shape: fields.Shape) -> tuple[bool, ...] | None:
 
 def mask(flow: http.HTTPFlow) -> None:
     """Mask what the client sent that must not be kept: its proxy credential headers and
-    anything shaped like a proxy token, wherever (a refused request still carries them).
+    anything shaped like a proxy token, wherever (a refused request still carries them,
+    and mitmproxy's error message may quote them).
     The target credential is never on the flow at all (see wire.py)."""
     headers = flow.request.headers
     found = fields.shape(headers)
@@ -89,3 +90,5 @@ def mask(flow: http.HTTPFlow) -> None:
     if any(b"ks_" in v for _, v in headers.fields):
         headers.fields = tuple((k, mask_token_bytes(v)) for k, v in headers.fields)
     flow.request.data.path = mask_token_bytes(flow.request.data.path)
+    if flow.error is not None:  # mitmproxy's own message may quote the client's bytes
+        flow.error.msg = mask_tokens(flow.error.msg)
