@@ -53,15 +53,18 @@ class Shape:
 
 _SHAPES: dict[tuple[bytes, ...], Shape] = {}
 # The header tuple looked at last: consecutive stages look at the same headers. Holding
-# the tuple keeps its identity from being reused while it is remembered.
+# the tuple keeps its identity from being reused while it is remembered. The activity
+# log's writer thread looks at headers too, so `_last` is read once per call: the pair
+# is replaced whole, never half.
 _last: tuple[Fields, Shape] = ((), Shape(()))
 
 
 def shape(headers: Headers) -> Shape:
     """The shape of `headers`' current fields."""
     fields: Fields = headers.fields
-    if fields is _last[0]:
-        return _last[1]
+    last = _last
+    if fields is last[0]:
+        return last[1]
     return remember(fields, shape_of(tuple([k for k, _ in fields])))
 
 
@@ -81,6 +84,14 @@ def remember(fields: Fields, found: Shape) -> Shape:
     global _last
     _last = (fields, found)
     return found
+
+
+def snapshot(headers: Headers) -> Headers:
+    """`headers` as they are now: a Headers sharing the current fields tuple, which later
+    edits (they replace the tuple, never change it) leave as it is."""
+    frozen: Headers = object.__new__(Headers)
+    frozen.fields = headers.fields
+    return frozen
 
 
 def get(headers: Headers, name: bytes) -> str | None:

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from keyswap.state.store import open_db
 logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 50_000
+# A row, or what makes it: the recorder hands over a flow's captured values and the row
+# is made here, off the event loop, a batch at a time.
+Row = dict[str, Any] | Callable[[], dict[str, Any]]
 # Tables keyed by name whose rows replace the previous one (state, not history).
 REPLACING = frozenset({"gateways"})
 BATCH_SIZE = 1_000
@@ -39,7 +43,7 @@ class Writer:
         self.path = path
         self.retention_days = retention_days
         self.queue_size = queue_size
-        self._rows: deque[tuple[str, dict[str, Any], asyncio.Future[None] | None]] = deque()
+        self._rows: deque[tuple[str, Row, asyncio.Future[None] | None]] = deque()
         self._wake = threading.Event()  # set when rows wait and the thread may be asleep
         self._closing = threading.Event()
         self.written = 0
@@ -51,10 +55,9 @@ class Writer:
         open_db(path).close()  # create the schema now: errors surface at start
         self._thread.start()
 
-    def add(
-        self, table: str, row: dict[str, Any], done: asyncio.Future[None] | None = None
-    ) -> None:
-        """Queue a row; never blocks. `done` resolves once the row is committed."""
+    def add(self, table: str, row: Row, done: asyncio.Future[None] | None = None) -> None:
+        """Queue a row (or a function that makes it); never blocks. `done` resolves once
+        the row is committed."""
         if len(self._rows) < self.queue_size:
             self._rows.append((table, row, done))
             if not self._wake.is_set():
@@ -102,11 +105,18 @@ class Writer:
                 break
         db.close()
 
-    def _write(self, db: Any, batch: list[tuple[str, dict[str, Any], Any]]) -> None:
-        tables: dict[str, list[dict[str, Any]]] = {}
-        for table, row, _ in batch:
-            tables.setdefault(table, []).append(row)
+    def _write(self, db: Any, batch: list[tuple[str, Row, Any]]) -> None:
         errors: dict[int, Exception] = {}
+        made: list[tuple[int, str, dict[str, Any]]] = []
+        for i, (table, row, _) in enumerate(batch):
+            try:
+                made.append((i, table, row() if callable(row) else row))
+            except Exception as e:
+                errors[i] = e
+                logger.exception("keyswap: could not make a %s row", table)
+        tables: dict[str, list[dict[str, Any]]] = {}
+        for _, table, row in made:
+            tables.setdefault(table, []).append(row)
         try:
             with db.atomic():
                 for table, rows in tables.items():
@@ -114,9 +124,9 @@ class Writer:
         except Exception:
             # One bad row must not cost the others theirs: write them one by one.
             logger.exception(
-                "keyswap: a batch of %d rows failed; writing them one by one", len(batch)
+                "keyswap: a batch of %d rows failed; writing them one by one", len(made)
             )
-            for i, (table, row, _) in enumerate(batch):
+            for i, table, row in made:
                 try:
                     with db.atomic():
                         insert(db, table, [row])

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
@@ -25,6 +25,7 @@ from keyswap.gateway import problem
 from keyswap.gateway.stages.auth import TOKEN_ID
 from keyswap.gateway.stages.health import PROBE
 from keyswap.gateway.stages.upstream import UPSTREAM
+from keyswap.net import fields
 from keyswap.net.text import shown
 from keyswap.net.urls import authority, origin_of
 from keyswap.state.store import audit_row, iso, new_request_id
@@ -168,12 +169,12 @@ class Recorder:
         if PROBE in meta:
             return  # an answered health probe: counted by the health stage, not a row
         try:
-            row = self.row(flow)
+            seen = self.capture(flow)
         except Exception:
-            logger.exception("keyswap: could not build the activity log row")
+            logger.exception("keyswap: could not capture the activity log row")
             return
-        annotate(flow, row["proxy_id"], row["proxy_code"], row["message"])
-        self.writer.add("requests", row)
+        annotate(flow, seen.meta.get(problem.PROXY), seen.code, seen.message)
+        self.writer.add("requests", seen.row)
 
     def redaction(self) -> Redaction:
         loaded = self.settings.runtime.loaded
@@ -185,59 +186,117 @@ class Recorder:
             self._redaction_for = (loaded, issued)
         return self._redaction
 
-    def row(self, flow: http.HTTPFlow) -> dict[str, Any]:
+    def capture(self, flow: http.HTTPFlow) -> Captured:
+        """What the row needs from a finished flow, taken now; the row itself is made from
+        it on the writer thread (`Captured.row`). Everything captured is immutable or a
+        copy, so a flow edited later (in mitmweb) cannot change a row being made."""
         redact = self.redaction()
         request, response, meta = flow.request, flow.response, flow.metadata
-        end = (response.timestamp_end if response else None) or time.time()
-        config = self.settings.runtime.config if self.settings.runtime.loaded else None
         error = meta.get(problem.ERROR) or (flow.error.msg if flow.error else None)
-        code = meta.get(problem.CODE) or (problem.PROXY_ERROR if error else None)
-        # Both may quote what the client sent (an origin, a header name): masked like
-        # every other field.
+        # Both may quote what the client sent (an origin, a header name): masked, and
+        # the message also goes on the flow (its comment) now.
         message = meta.get(problem.MESSAGE) or (problem.one_line(error) if error else None)
+        config = self.settings.runtime.config if self.settings.runtime.loaded else None
+        return Captured(
+            redact=redact,
+            meta=dict(meta),
+            code=meta.get(problem.CODE) or (problem.PROXY_ERROR if error else None),
+            message=shown(redact.text(message)) if message else None,
+            error=error,
+            environment=config.environment if config else None,
+            region=config.region if config else None,
+            peername=flow.client_conn.peername,
+            method=request.method,
+            path=meta.get(problem.PATH) or request.path,
+            target_path=request.path,
+            started=request.timestamp_start,
+            ended=(response.timestamp_end if response else None) or time.time(),
+            request_headers=fields.snapshot(request.headers),
+            request_body=request.raw_content,
+            status=response.status_code if response else None,
+            response_headers=fields.snapshot(response.headers) if response else None,
+            response_body=response.raw_content if response else None,
+            body_cap=self.body_cap,
+        )
+
+    def row(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        """The activity log row of a finished flow."""
+        return self.capture(flow).row()
+
+
+class Captured(NamedTuple):
+    """A finished flow as the activity log needs it (see `Recorder.capture`)."""
+
+    redact: Redaction
+    meta: dict[str, Any]
+    code: str | None
+    message: str | None  # masked and shown
+    error: str | None
+    environment: str | None
+    region: str | None
+    peername: tuple[Any, ...] | None
+    method: str
+    path: str  # as the client sent it
+    target_path: str  # as it went to the target
+    started: float
+    ended: float
+    request_headers: http.Headers
+    request_body: bytes | None
+    status: int | None
+    response_headers: http.Headers | None
+    response_body: bytes | None
+    body_cap: int
+
+    def row(self) -> dict[str, Any]:
+        """The `requests` row: every secret masked, every text value through the one
+        place where client bytes become text, so that a byte that is not UTF-8 cannot fail
+        the writer's batch and no field is unbounded. (The header documents are JSON,
+        ASCII and bounded by construction.)"""
+        redact, meta = self.redact, self.meta
+        destination = meta.get(problem.DESTINATION)
         row: dict[str, Any] = {
             "id": meta.get(problem.REQUEST_ID) or new_request_id(),
-            "started_at": iso(request.timestamp_start),
-            "duration_ms": round((end - request.timestamp_start) * 1000, 3),
+            "started_at": iso(self.started),
+            "duration_ms": round((self.ended - self.started) * 1000, 3),
             "proxy_id": meta.get(problem.PROXY),
             "token_id": meta.get(TOKEN_ID),
-            "environment": config.environment if config else None,
-            "region": config.region if config else None,
-            "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
-            "method": request.method,
-            "path": redact.url(meta.get(problem.PATH) or request.path),
+            "environment": self.environment,
+            "region": self.region,
+            "client_ip": self.peername[0] if self.peername else None,
+            "method": self.method,
+            "path": redact.url(self.path),
             "target": meta.get(problem.TARGET),
-            "target_url": redact.url(target_url(flow)) if problem.DESTINATION in meta else None,
-            "status": response.status_code if response else None,
-            "proxy_code": code,
-            "message": redact.text(message) if message else None,
-            "error": redact.text(error) if error else None,
+            "target_url": redact.url(target_url(destination, self.target_path))
+            if destination
+            else None,
+            "status": self.status,
+            "proxy_code": self.code,
+            "message": self.message,
+            "error": redact.text(self.error) if self.error else None,
             "upstream_proxy": meta.get(UPSTREAM),
-            "bytes_in": _size(meta.get(problem.BYTES_IN), request),
-            "bytes_out": _size(meta.get(problem.BYTES_OUT), response),
-            "origin": redact.header(request.headers, b"origin"),
-            "user_agent": redact.header(request.headers, b"user-agent"),
-            "request_headers": redact.headers_json(request.headers),
-            "response_headers": redact.headers_json(response.headers) if response else None,
-            "attempts": meta.get(problem.ATTEMPTS, 1 if problem.DESTINATION in meta else 0),
+            "bytes_in": _size(meta.get(problem.BYTES_IN), self.request_body),
+            "bytes_out": _size(meta.get(problem.BYTES_OUT), self.response_body),
+            "origin": redact.header(self.request_headers, b"origin"),
+            "user_agent": redact.header(self.request_headers, b"user-agent"),
+            "request_headers": redact.headers_json(self.request_headers),
+            "response_headers": redact.headers_json(self.response_headers)
+            if self.response_headers is not None
+            else None,
+            "attempts": meta.get(problem.ATTEMPTS, 1 if destination else 0),
             "async_id": None,
         }
         cap = self.body_cap
         if cap > 0:
-            row["request_body"] = _preview(request, cap, redact)
-            row["response_body"] = _preview(response, cap, redact) if response else None
-        # Every text value through the one place where client bytes become text: a byte
-        # that is not UTF-8 cannot fail the writer's batch, and no field is unbounded.
-        # (The header documents are JSON, ASCII and bounded by construction.)
+            row["request_body"] = _preview(self.request_body, cap, redact)
+            row["response_body"] = _preview(self.response_body, cap, redact)
         return {
             k: shown(v) if type(v) is str and k not in _JSON_FIELDS else v for k, v in row.items()
         }
 
 
-def target_url(flow: http.HTTPFlow) -> str:
+def target_url(destination: dict[str, Any], path: str) -> str:
     """Where the request went (the target, also when it went through a proxy)."""
-    dest = flow.metadata[problem.DESTINATION]
-    return origin_of(dest["scheme"], dest["host"], dest["port"]) + flow.request.path
+    return origin_of(destination["scheme"], destination["host"], destination["port"]) + path
 
 
 MARKERS = {problem.DENIED: ":no_entry:", problem.PROXY_ERROR: ":warning:"}
@@ -266,18 +325,14 @@ def show_gateway_url(flow: http.HTTPFlow) -> None:
     request.host_header = authority(host, port, scheme)
 
 
-def _size(counted: int | None, message: http.Message | None) -> int | None:
-    if counted is not None:
-        return counted
-    if message is None or message.raw_content is None:
-        return None
-    return len(message.raw_content)
+def _size(counted: int | None, body: bytes | None) -> int | None:
+    return counted if counted is not None else None if body is None else len(body)
 
 
-def _preview(message: http.Message, cap: int, redact: Redaction) -> str | None:
-    if message.raw_content is None:
+def _preview(body: bytes | None, cap: int, redact: Redaction) -> str | None:
+    if body is None:
         return None
     # Mask before cutting, so a secret straddling the cut cannot leave half of itself.
     longest = max((len(v) for v in redact.values), default=0)
-    text = message.raw_content[: 4 * (cap + longest)].decode("utf-8", "replace")
+    text = body[: 4 * (cap + longest)].decode("utf-8", "replace")
     return redact.text(text)[:cap]
