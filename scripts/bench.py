@@ -5,10 +5,17 @@
   B         keyswap: several proxies, bearer swap, header filtering, the activity log on
   C         nginx as a reverse proxy that sets the same header (the physical reference)
 
-Rounds alternate A B C A B C ... so machine noise hits all of them. Then streaming through
-B: peak RSS growth for one large download and one large upload, and the time to the
-first event of a server-sent event stream. Results: bench/results.json and a table.
-Run it with scripts/bench (which installs wrk and nginx when it can).
+Rounds alternate A B C A B C ... so machine noise hits all of them. Then the workers
+phase: `keyswap serve --workers 2` (W2) against `--workers 1` (W1) and A at saturation,
+in alternating rounds, with wrk on the same cores as the gateways (on a 2-core machine
+the workers and wrk share 2 cores). Then streaming through B: peak RSS growth for one
+large download and one large upload, and the time to the first event of a server-sent
+event stream. Then the backends phase: keyswap (`serve --workers 1`) on PostgreSQL
+(`--db postgresql://...`, a throwaway cluster started the way the tests start theirs)
+against keyswap on its SQLite default, paired like B/A; skipped, saying so, when
+PostgreSQL is not installed. Results: bench/results.json and a table. `--only workers`
+and `--only backends` run one of those phases alone. Run it with scripts/bench (which
+installs wrk and nginx when it can).
 """
 
 from __future__ import annotations
@@ -156,6 +163,16 @@ def wrk(url: str, connections: int, seconds: float, headers: dict[str, str]) -> 
     }
 
 
+def clean_wrk(
+    name: str, proc: Proc, path: str, c: int, seconds: float, headers: dict[str, str]
+) -> dict[str, float]:
+    """A wrk run on one of the setups; a failed request ends the benchmark."""
+    run = wrk(f"http://127.0.0.1:{proc.port}{path}", c, seconds, headers)
+    if run["non_2xx"] or run["socket_errors"]:
+        raise SystemExit(f"{name}: {run['non_2xx']} non-2xx, {run['socket_errors']} socket err")
+    return run
+
+
 def keyswap_config(work: Path, upstream: int) -> Path:
     proxies = "\n".join(
         f"  app{i}:\n    target: up\n    routes: [/api/app{i}]\n    methods: [GET, POST]\n"
@@ -186,6 +203,112 @@ def keyswap(stack: ExitStack, work: Path, name: str, config: Path, db: Path) -> 
     return mitmdump(stack, work, name, 9, extra)  # the reverse target is never used: keyswap routes
 
 
+def keyswap_serve(
+    stack: ExitStack, work: Path, name: str, upstream: int, workers: int, db: str | None = None
+) -> Proc:
+    """`keyswap serve --workers N` (its own config; its own SQLite file unless `db` names
+    another state database), once every worker answers."""
+    folder = _sub(work, name)
+    config = keyswap_config(folder, upstream)
+    port = free_port()
+    cmd = [str(BIN / "keyswap"), "serve", "--workers", str(workers), "--config", str(config)]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--db", db or str(folder / "keyswap.db")]
+    cmd += ["--", "-q"]
+    proc = Proc(stack, cmd, port, work / f"{name}.log", env={"BENCH_SECRET": "bench-target-secret"})
+    pids: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(pids) < workers:  # a probe per fresh connection: the kernel picks the worker
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name}: {len(pids)} of {workers} workers answer after 60 s")
+        try:
+            pids.add(httpx.get(f"http://127.0.0.1:{port}/_keyswap/health").json()["pid"])
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return proc
+
+
+def workers_phase(
+    stack: ExitStack, work: Path, bare: Proc, upstream: int, rounds: int, seconds: float, c: int
+) -> dict[str, Any]:
+    """W2 (`keyswap serve --workers 2`) against W1 (`--workers 1`) and A (bare mitmdump,
+    one process) at saturation, alternating rounds. Nothing is pinned: wrk runs on the
+    same cores as the gateways, as a client on the gateway's machine would, so W2/W1 is
+    what a second worker adds on this machine, not what a second core would alone."""
+    path, headers = "/api/app3/data.json", {"x-proxy-token": TOKEN + "3"}
+    setups = {
+        "A": (bare, "/data.json", {}),
+        "W1": (keyswap_serve(stack, work, "W1", upstream, 1), path, headers),
+        "W2": (keyswap_serve(stack, work, "W2", upstream, 2), path, headers),
+    }
+    rps: dict[str, list[float]] = {name: [] for name in setups}
+    for proc, url_path, hdrs in setups.values():  # warm-up
+        wrk(f"http://127.0.0.1:{proc.port}{url_path}", c, 1, hdrs)
+    for _ in range(rounds):
+        for name, (proc, url_path, hdrs) in setups.items():
+            rps[name].append(clean_wrk(name, proc, url_path, c, seconds, hdrs)["rps"])
+    for name in ("W1", "W2"):
+        setups[name][0].stop()
+    medians = {name: round(statistics.median(v), 1) for name, v in rps.items()}
+    return {
+        "connections": c,
+        "cpus": len(os.sched_getaffinity(0)),
+        "note": "wrk (1 thread) runs on the same cores as the gateways; nothing is pinned",
+        "rounds": rps,
+        "rps": medians,
+        "W2/W1_rps": round(medians["W2"] / medians["W1"], 3),
+        "W2/A_rps": round(medians["W2"] / medians["A"], 3),
+    }
+
+
+def backends_phase(work: Path, upstream: int, rounds: int, seconds: float) -> dict[str, Any]:
+    """keyswap (`serve --workers 1`, as B) on PostgreSQL against keyswap on its SQLite
+    default, paired (see `paired`). The cluster is the tests' throwaway one
+    (tests/support/postgres.py), started off the gateways' CPU, as a database server on
+    another machine would be: PG/SQLite is what the backend costs the gateway process.
+    Without PostgreSQL, the phase says so and is skipped."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import psycopg
+
+    from tests.support.postgres import have_postgres, start_postgres
+
+    if not have_postgres():
+        return {"skipped": "PostgreSQL is not installed (Debian package postgresql)"}
+    path, headers = "/api/app3/data.json", {"x-proxy-token": TOKEN + "3"}
+    everything, _, others = cpu_split()
+    with ExitStack() as phase:  # closes the gateways, then the cluster
+        os.sched_setaffinity(0, others)  # the cluster's processes inherit it
+        try:
+            cluster = start_postgres()
+        finally:
+            os.sched_setaffinity(0, everything)
+        phase.callback(cluster.stop)
+        url = cluster.create_database()
+        setups = {
+            "SQLite": (keyswap_serve(phase, work, "SQLite", upstream, 1), path, headers),
+            "PG": (keyswap_serve(phase, work, "PG", upstream, 1, db=url), path, headers),
+        }
+        for proc, url_path, hdrs in setups.values():  # warm-up
+            wrk(f"http://127.0.0.1:{proc.port}{url_path}", 16, 1, hdrs)
+        pairing = paired(setups, rounds, seconds, base="SQLite", other="PG")
+        for proc, _, _ in setups.values():
+            proc.stop()  # a clean stop writes every queued row
+        with psycopg.connect(url) as conn:
+            pg_rows = int(conn.execute("select count(*) from requests").fetchone()[0])
+    return pairing | {
+        "connections": 16,
+        "note": "both pinned to one CPU; wrk, the upstream and PostgreSQL on the others",
+        "rows": {"SQLite": count_rows(work / "SQLite" / "keyswap.db"), "PG": pg_rows},
+    }
+
+
+def cpu_split() -> tuple[set[int], int, set[int]]:
+    """The paired phases' CPUs: all of them, the one the paired gateways share, the others."""
+    everything = os.sched_getaffinity(0)
+    cpu = max(everything)
+    return everything, cpu, everything - {cpu} or everything
+
+
 def pin(pid: int, cpus: set[int]) -> None:
     """Pin every thread of a process to these CPUs."""
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -194,19 +317,24 @@ def pin(pid: int, cpus: set[int]) -> None:
 
 
 def paired(
-    setups: dict[str, tuple[Proc, str, dict[str, str]]], rounds: int, seconds: float
+    setups: dict[str, tuple[Proc, str, dict[str, str]]],
+    rounds: int,
+    seconds: float,
+    base: str = "A",
+    other: str = "B",
 ) -> dict[str, Any]:
-    """A and B loaded at the same time, both pinned to one CPU (wrk and nginx on the
-    others): the scheduler shares that CPU evenly, so B/A throughput is their cost
-    ratio, and drift or a noisy neighbour slows both alike. The alternating rounds
-    measure each alone; this pairing is the figure that holds still on a shared box."""
-    everything = os.sched_getaffinity(0)
-    cpu = max(everything)
-    others = everything - {cpu} or everything
+    """`base` and `other` (A and B) loaded at the same time, both pinned to one CPU (wrk
+    and nginx on the others): the scheduler shares that CPU evenly, so other/base
+    throughput is their cost ratio, and drift or a noisy neighbour slows both alike. The
+    alternating rounds measure each alone; this pairing is the figure that holds still
+    on a shared box. A failed request ends the benchmark."""
+    everything, cpu, others = cpu_split()
+    names = (base, other)
     os.sched_setaffinity(0, others)  # wrk inherits it
-    for name in ("A", "B"):
+    for name in names:
         pin(setups[name][0].proc.pid, {cpu})
     ratios = []
+    rps: dict[str, list[float]] = {name: [] for name in names}
 
     def load(name: str, runs: dict[str, dict[str, float]]) -> None:
         proc, path, headers = setups[name]
@@ -215,17 +343,27 @@ def paired(
     try:
         for _ in range(rounds):
             runs: dict[str, dict[str, float]] = {}
-            threads = [threading.Thread(target=load, args=(n, runs)) for n in ("A", "B")]
+            threads = [threading.Thread(target=load, args=(n, runs)) for n in names]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            ratios.append(round(runs["B"]["rps"] / runs["A"]["rps"], 3))
+            for name in names:
+                run = runs.get(name)
+                if run is None or run["non_2xx"] or run["socket_errors"]:
+                    raise SystemExit(f"{name} (paired): wrk failed or saw errors: {run}")
+                rps[name].append(run["rps"])
+            ratios.append(round(runs[other]["rps"] / runs[base]["rps"], 3))
     finally:
         os.sched_setaffinity(0, everything)
-        for name in ("A", "B"):
+        for name in names:
             pin(setups[name][0].proc.pid, everything)
-    return {"cpu": cpu, "rounds": ratios, "B/A_rps": statistics.median(ratios)}
+    return {
+        "cpu": cpu,
+        "rounds": ratios,
+        "rps": rps,
+        f"{other}/{base}_rps": statistics.median(ratios),
+    }
 
 
 def log_check(gateway: Proc, db: Path, url: str, headers: dict[str, str], n: int) -> dict[str, int]:
@@ -367,6 +505,12 @@ def main() -> None:
         "--stream-mib", type=int, help="size of the streamed bodies [quick 32, full 1024]"
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    p.add_argument(
+        "--only",
+        choices=["workers", "backends"],
+        help="run one phase alone: workers (keyswap serve --workers 2 vs 1 vs bare mitmdump), "
+        "backends (keyswap on PostgreSQL vs on SQLite, paired)",
+    )
     args = p.parse_args()
     duration = args.duration or (1 if args.quick else 10)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -384,10 +528,27 @@ def main() -> None:
             "upstream",
             f"  location / {{ root {work}; default_type application/json; }}",
         )
+        if args.only == "backends":
+            backends = backends_phase(work, upstream.port, rounds, duration)
+            settings = {"duration_s": duration, "rounds": rounds, "only": "backends"}
+            write(args.out, stamped(args.quick, settings) | {"backends": backends})
+            print(render_backends(backends))
+            print(f"\nresults: {args.out}")
+            return
+        bare = mitmdump(stack, work, "A", upstream.port, [])
+        if args.only == "workers":
+            workers = workers_phase(
+                stack, work, bare, upstream.port, rounds, duration, max(connections)
+            )
+            settings = {"duration_s": duration, "rounds": rounds, "only": "workers"}
+            write(args.out, stamped(args.quick, settings) | {"workers": workers})
+            print(render_workers(workers))
+            print(f"\nresults: {args.out}")
+            return
         config = keyswap_config(_sub(work, "b"), upstream.port)
         db = work / "b" / "keyswap.db"
         setups = {
-            "A": (mitmdump(stack, work, "A", upstream.port, []), "/data.json", {}),
+            "A": (bare, "/data.json", {}),
             "B": (
                 keyswap(stack, work, "B", config, db),
                 "/api/app3/data.json",
@@ -415,11 +576,7 @@ def main() -> None:
         for _ in range(rounds):
             for c in connections:
                 for name, (proc, path, headers) in setups.items():
-                    run = wrk(f"http://127.0.0.1:{proc.port}{path}", c, duration, headers)
-                    if run["non_2xx"] or run["socket_errors"]:
-                        raise SystemExit(
-                            f"{name}: {run['non_2xx']} non-2xx, {run['socket_errors']} socket err"
-                        )
+                    run = clean_wrk(name, proc, path, c, duration, headers)
                     results[name]["rps"][str(c)].append(run["rps"])
                     if c == 1:
                         results[name]["latency_1"].append(
@@ -428,6 +585,10 @@ def main() -> None:
         for name, (proc, _, _) in setups.items():
             results[name]["peak_rss_mib"] = round(proc.status_kib("VmHWM") / 1024, 1)
         pairing = paired(setups, rounds, duration)
+        workers = workers_phase(
+            stack, work, bare, upstream.port, rounds, duration, max(connections)
+        )
+        backends = backends_phase(work, upstream.port, rounds, duration)
         gateway, path, headers = setups["B"]
         log = log_check(
             gateway,
@@ -439,17 +600,13 @@ def main() -> None:
         summary = summarize(results, connections)
         streaming = stream_figures(stack, work, stream_mib)
 
-    report = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "mode": "quick" if args.quick else "full",
-        "machine": machine(),
-        "versions": versions(),
-        "settings": {
-            "duration_s": duration,
-            "rounds": rounds,
-            "connections": connections,
-            "stream_mib": stream_mib,
-        },
+    settings = {
+        "duration_s": duration,
+        "rounds": rounds,
+        "connections": connections,
+        "stream_mib": stream_mib,
+    }
+    report = stamped(args.quick, settings) | {
         "upstream_rps": upstream_rps,
         "runs": summary,
         "ratios": {
@@ -459,8 +616,15 @@ def main() -> None:
         | {
             "B/A_rps_paired_c16": pairing["B/A_rps"],
             "B-A_p99_ms_c1": round(summary["B"]["p99_ms"] - summary["A"]["p99_ms"], 3),
-        },
+            f"W2/W1_rps_c{workers['connections']}": workers["W2/W1_rps"],
+            f"W2/A_rps_c{workers['connections']}": workers["W2/A_rps"],
+        }
+        | (
+            {"PG/SQLite_rps_paired": backends["PG/SQLite_rps"]} if "skipped" not in backends else {}
+        ),
         "paired": pairing,
+        "workers": workers,
+        "backends": backends,
         "log": log,
         "streaming": {k: round(v, 3) for k, v in streaming.items()},
     }
@@ -474,10 +638,27 @@ def main() -> None:
         )
         <= 64,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if "skipped" not in backends:
+        report["goals"]["PG/SQLite throughput >= 0.95 (paired)"] = backends["PG/SQLite_rps"] >= 0.95
+    write(args.out, report)
     print(render(report))
     print(f"\nresults: {args.out}")
+
+
+def stamped(quick: bool, settings: dict[str, Any]) -> dict[str, Any]:
+    """What every report starts with: when, how, on what."""
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "mode": "quick" if quick else "full",
+        "machine": machine(),
+        "versions": versions(),
+        "settings": settings,
+    }
+
+
+def write(out: Path, report: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def summarize(
@@ -513,6 +694,8 @@ def render(report: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.append(f"upstream nginx alone: {report['upstream_rps']:.0f} req/s (c=16)")
     lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in report["ratios"].items()))
+    lines.append(render_workers(report["workers"]))
+    lines.append(render_backends(report["backends"]))
     lines.append(
         f"activity log: {report['log']['rows_recorded']} rows for "
         f"{report['log']['requests_sent']} requests"
@@ -527,6 +710,27 @@ def render(report: dict[str, Any]) -> str:
         f"goal {'met    ' if ok else 'NOT met'}  {goal}" for goal, ok in report["goals"].items()
     ]
     return "\n".join(lines)
+
+
+def render_workers(w: dict[str, Any]) -> str:
+    r = w["rps"]
+    return (
+        f"workers (c={w['connections']}, wrk on the same {w['cpus']} cores): "
+        f"W2 keyswap --workers 2 {r['W2']:.0f} req/s, W1 --workers 1 {r['W1']:.0f}, "
+        f"A bare mitmdump {r['A']:.0f}; W2/W1 {w['W2/W1_rps']}, W2/A {w['W2/A_rps']}"
+    )
+
+
+def render_backends(b: dict[str, Any]) -> str:
+    if "skipped" in b:
+        return f"backends: skipped: {b['skipped']}"
+    r = {name: statistics.median(v) for name, v in b["rps"].items()}
+    return (
+        f"backends (paired, c={b['connections']} each, both on CPU {b['cpu']}): keyswap on "
+        f"PostgreSQL {r['PG']:.0f} req/s, on SQLite {r['SQLite']:.0f}; PG/SQLite "
+        f"{b['PG/SQLite_rps']} (rounds {', '.join(map(str, b['rounds']))}); rows logged "
+        f"{b['rows']['PG']} and {b['rows']['SQLite']}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support.synthetic_log
 
-from keyswap.state import queries  # noqa: E402
-from keyswap.state.store import SCHEMA_VERSION, open_db  # noqa: E402
+from keyswap.state import migrations, queries  # noqa: E402
+from keyswap.state.backends import open_backend  # noqa: E402
+from tests.support.activity import sqlite_log  # noqa: E402
 from tests.support.synthetic_log import fill  # noqa: E402
 
 KEYSWAP = Path(sys.executable).parent / "keyswap"
@@ -52,19 +53,17 @@ FILTERS = [
 def log_of(path: Path, rows: int) -> None:
     """Reuse the file when it is a log of this size and schema, else make it anew."""
     if path.exists():
-        db = open_db(path, upgrade=False)
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == SCHEMA_VERSION and db["requests"].count == rows:
-                print(f"reusing {path} ({rows:,} rows)")
-                return
-        finally:
-            db.close()
+        with open_backend(path) as backend, backend.session() as session:
+            version = migrations.version(session)
+            [found] = session.query("select count(*) as n from requests")
+        if version == migrations.SCHEMA_VERSION and found["n"] == rows:
+            print(f"reusing {path} ({rows:,} rows)")
+            return
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     print(f"making {path}: {rows:,} rows ...", flush=True)
     started = time.perf_counter()
-    db = open_db(path)
+    db = sqlite_log(path)
     fill(db, rows)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
@@ -110,8 +109,7 @@ def main() -> None:
     log_of(path, args.rows)
     load = os.getloadavg()[0]
     print(f"{os.cpu_count()} cores, load average {load:.1f}; best of {args.runs}")
-    db = open_db(path, upgrade=False)
-    try:
+    with open_backend(path) as backend, backend.session() as db:
         for label, since in (("stats, in process", None), ("stats --since 1d", "1d")):
             wall, cpu, peak = best(args.runs, lambda s=since: queries.stats(db, s))
             kib = peak / 1024
@@ -127,8 +125,6 @@ def main() -> None:
             wall, _, _ = best(args.runs, lambda w=where: queries.logs(db, w))
             shown = " ".join(f"--{k} {v}" for k, v in filters.items()) or "(no filter)"
             print(f"  logs {shown:<30} {wall * 1000:7.1f} ms")
-    finally:
-        db.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {rss:,.0f} MiB")
 

@@ -238,6 +238,16 @@ def test_refuses_what_is_not_an_activity_log(
     assert message in result.output
 
 
+@pytest.mark.parametrize("extra", [[], ["--metadata"]])
+def test_says_it_serves_sqlite_only(extra: list[str]) -> None:
+    url = "postgresql://gw:dash-secret@db.internal/keyswap"
+    result = CliRunner().invoke(main, ["dashboard", "--db", url, *extra])
+    assert result.exit_code == 1
+    assert "serves an SQLite activity log with Datasette" in result.output
+    assert "postgresql://gw:********@db.internal/keyswap is PostgreSQL" in result.output
+    assert "dash-secret" not in result.output
+
+
 def test_without_datasette_says_what_to_install(log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasette.app", None)  # import fails
     result = CliRunner().invoke(main, ["dashboard", "--db", str(log)])

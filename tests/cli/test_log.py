@@ -1,5 +1,5 @@
 """`keyswap logs`, `stats`, `curl` and `audit` on a database written the way the gateway
-writes it; `logs --follow` and Ctrl-C in a real process."""
+writes it, on both backends; `logs --follow` and Ctrl-C in a real process."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlite_utils import Database
 
 from keyswap.cli.main import main
-from keyswap.state.store import audit_row, open_db
-from keyswap.state.writer import insert
+from keyswap.state.backends import Backend, open_backend
+from keyswap.state.store import audit_row
+from keyswap.state.writer import commit
 from tests.support.processes import BIN
+
+CONFIG = "/nonexistent/keyswap.yaml"  # the commands read the database named by --db
 
 
 def row(i: int, **fields: object) -> dict[str, object]:
@@ -38,28 +40,27 @@ def row(i: int, **fields: object) -> dict[str, object]:
     }
 
 
-def written(db: Database, *rows: dict[str, object]) -> None:
+def written(db: str, *rows: dict[str, object]) -> None:
     """Committed as the gateway's writer commits: one batch, one transaction."""
-    with db.atomic():
-        insert(db, "requests", list(rows))
+    with open_backend(db) as backend, backend.session() as session:
+        commit(session, {"requests": list(rows)})
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "keyswap.db"
-    db = open_db(path)
-    written(db, row(1), row(2, status=502, proxy_code="proxy-error"), row(3, proxy_id=None))
-    db["audit"].insert(audit_row("edit", "demo", {"set": {"rate_limit": "5/s"}}, actor="ana"))
-    db.close()
-    yield path
+def db_path(backend: Backend, state_db: str) -> str:
+    """A state database (each backend) with three requests and an audit entry."""
+    written(state_db, row(1), row(2, status=502, proxy_code="proxy-error"), row(3, proxy_id=None))
+    entry = audit_row("edit", "demo", {"set": {"rate_limit": "5/s"}}, actor="ana")
+    with backend.session() as session:
+        session.insert("audit", [entry])
+    return state_db
 
 
-def run(db_path: Path, *args: str) -> Result:
-    config = str(db_path.parent / "keyswap.yaml")
-    return CliRunner().invoke(main, [*args, "--db", str(db_path), "--config", config])
+def run(db_path: str, *args: str) -> Result:
+    return CliRunner().invoke(main, [*args, "--db", db_path, "--config", CONFIG])
 
 
-def test_logs_table_and_filters(db_path: Path) -> None:
+def test_logs_table_and_filters(db_path: str) -> None:
     result = run(db_path, "logs", "--status", "5xx")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -78,14 +79,14 @@ def test_logs_table_and_filters(db_path: Path) -> None:
     assert bad.exit_code == 1 and "use 15m, 2h, 1d" in bad.output
 
 
-def test_logs_json_is_one_array_with_documents_not_strings(db_path: Path) -> None:
+def test_logs_json_is_one_array_with_documents_not_strings(db_path: str) -> None:
     result = run(db_path, "logs", "--json", "--limit", "2")
     rows = json.loads(result.output)
     assert [r["id"] for r in rows] == [f"{2:026d}", f"{3:026d}"]
     assert rows[0]["request_headers"] == {"accept": "*/*", "authorization": "********"}
 
 
-def test_stats_json_and_table(db_path: Path) -> None:
+def test_stats_json_and_table(db_path: str) -> None:
     stats = json.loads(run(db_path, "stats", "--json").output)
     assert [(s["proxy"], s["requests"]) for s in stats] == [(None, 1), ("demo", 2)]
     assert stats[1]["p50_ms"] == 11.0 and stats[1]["error_rate"] == 0.5
@@ -93,14 +94,14 @@ def test_stats_json_and_table(db_path: Path) -> None:
     assert table[1].startswith("(no proxy)") and table[2].startswith("demo ")
 
 
-def test_audit_json_detail_is_a_document(db_path: Path) -> None:
+def test_audit_json_detail_is_a_document(db_path: str) -> None:
     [entry] = json.loads(run(db_path, "audit", "--json").output)
     assert entry["detail"] == {"set": {"rate_limit": "5/s"}} and entry["actor"] == "ana"
     table = run(db_path, "audit").output
     assert '{"set": {"rate_limit": "5/s"}}' in table
 
 
-def test_curl_json(db_path: Path) -> None:
+def test_curl_json(db_path: str) -> None:
     result = run(db_path, "curl", f"{1:026d}", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
@@ -132,10 +133,9 @@ class Lines:
 
 
 @contextmanager
-def following(db_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+def following(db_path: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
     """`keyswap logs --follow ARGS` running on the database."""
-    cmd = [str(BIN / "keyswap"), "logs", "--follow", *args, "--db", str(db_path)]
-    cmd += ["--config", str(db_path.parent / "keyswap.yaml")]
+    cmd = [str(BIN / "keyswap"), "logs", "--follow", *args, "--db", db_path, "--config", CONFIG]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         out = Lines(proc)
         try:
@@ -154,15 +154,13 @@ def interrupted(proc: subprocess.Popen[str]) -> None:
     assert proc.stderr is not None and proc.stderr.read() == ""  # no "Aborted!"
 
 
-def test_follow_prints_each_row_once_and_ctrl_c_ends_it_quietly(db_path: Path) -> None:
+def test_follow_prints_each_row_once_and_ctrl_c_ends_it_quietly(db_path: str) -> None:
     with following(db_path, "--json", "--limit", "2") as (proc, out):
         assert [json.loads(out.next())["id"] for _ in range(2)] == [f"{2:026d}", f"{3:026d}"]
         assert out.none_within(1.5)  # nothing written: nothing printed again
-        db = open_db(db_path)
-        written(db, row(9))
-        written(db, row(4))  # started before row 9, written after it
-        written(db, row(5, proxy_id="other"))
-        db.close()
+        written(db_path, row(9))
+        written(db_path, row(4))  # started before row 9, written after it
+        written(db_path, row(5, proxy_id="other"))
         followed = [json.loads(out.next()) for _ in range(3)]
         assert [r["id"] for r in followed] == [f"{i:026d}" for i in (9, 4, 5)]
         assert followed[0]["request_headers"]["accept"] == "*/*"
@@ -170,14 +168,29 @@ def test_follow_prints_each_row_once_and_ctrl_c_ends_it_quietly(db_path: Path) -
         interrupted(proc)
 
 
-def test_follow_as_a_table_keeps_its_columns(db_path: Path) -> None:
+def test_follow_as_a_table_keeps_its_columns(db_path: str) -> None:
     with following(db_path, "--proxy", "demo") as (proc, out):
         header, first, second = out.next(), out.next(), out.next()
-        db = open_db(db_path)
-        written(db, row(10, path="/api/demo/a-much-longer-path"))
-        db.close()
+        written(db_path, row(10, path="/api/demo/a-much-longer-path"))
         later = out.next()
         for line in (first, second, later):  # every column starts where the header's does
             assert line.index(" proxy-") + 1 == header.index("PROXY_CODE")
             assert line.index("/api/demo/") == header.index("PATH")
         interrupted(proc)
+
+
+def test_a_missing_sqlite_log_says_where_it_looked(tmp_path: Path) -> None:
+    result = run(str(tmp_path / "none.db"), "logs")
+    assert result.exit_code == 1 and f"no activity log at {tmp_path / 'none.db'}" in result.output
+
+
+def test_no_output_shows_the_password(pg_url: str, postgres: object) -> None:
+    """The commands' output and errors name the database with its password masked."""
+    password = pg_url.split(":")[2].split("@")[0]
+    outputs = [run(pg_url, *args).output for args in (["logs"], ["stats"], ["audit", "--json"])]
+    wrong = pg_url.replace(password, "not-the-password")
+    refused = run(wrong, "logs")
+    assert refused.exit_code == 1 and "password authentication failed" in refused.output
+    assert "postgresql://keyswap:********@127.0.0.1" in refused.output
+    for output in [*outputs, refused.output]:
+        assert password not in output and "not-the-password" not in output

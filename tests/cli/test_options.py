@@ -4,7 +4,9 @@ tables, and Ctrl-C."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,9 +16,10 @@ from click.testing import CliRunner
 
 from keyswap.cli import options
 from keyswap.cli.main import main
-from keyswap.state.store import audit_row, open_db
+from keyswap.state.store import audit_row, now_iso
 from tests.cli.test_main import commands
 from tests.support import ROOT
+from tests.support.activity import sqlite_log
 
 # Every command that shows data (DESIGN.md §6), and whether its document is a list.
 DATA_COMMANDS = {
@@ -33,6 +36,8 @@ DATA_COMMANDS = {
     "logs": True,
     "audit": True,
     "stats": True,
+    "gateways": True,
+    "db upgrade": False,
 }
 
 
@@ -52,7 +57,7 @@ def test_every_data_command_takes_the_one_json_option() -> None:
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "keyswap.yaml"
     shutil.copy(ROOT / "config" / "keyswap.yaml", path)
-    db = open_db(tmp_path / "keyswap.db")
+    db = sqlite_log(tmp_path / "keyswap.db")
     db["requests"].insert(
         {
             "id": "r1",
@@ -69,6 +74,17 @@ def config(tmp_path: Path) -> Path:
         }
     )
     db["audit"].insert(audit_row("edit", "billing", {"set": {"rate_limit": "5/s"}}))
+    db["gateways"].insert(
+        {
+            "id": f"{socket.gethostname()}:{os.getpid()}:abcdef",
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "listen": json.dumps([{"mode": "reverse", "address": "127.0.0.1:8080"}]),
+            "config": str(path.resolve()),
+            "config_digest": "d",
+            "last_seen": now_iso(),
+        }
+    )
     db.close()
     return path
 
@@ -85,6 +101,8 @@ INVOCATIONS = {
     "logs": ["logs"],
     "audit": ["audit"],
     "stats": ["stats"],
+    "gateways": ["gateways"],
+    "db upgrade": ["db", "upgrade"],
 }
 
 

@@ -215,6 +215,18 @@ def test_export_writes_a_self_contained_folder(config: Path, tmp_path: Path) -> 
     assert check.exit_code == 0, check.output
 
 
+def test_a_change_refuses_a_database_of_a_newer_version(config: Path) -> None:
+    with sqlite3.connect(config.parent / "keyswap.db") as conn:
+        conn.execute("pragma user_version = 7")
+    conn.close()
+    before = config.read_bytes()
+    result = run(config, "proxies", "disable", "billing")
+    assert result.exit_code == 1
+    assert "has schema version 7, newer than this keyswap knows (3)" in result.output
+    assert result.output.rstrip().endswith("nothing was written")
+    assert config.read_bytes() == before
+
+
 def test_a_written_token_is_shown_even_when_its_audit_row_fails(config: Path) -> None:
     no_db = config.parent / "missing" / "keyswap.db"  # SQLite cannot create it
     result = run(
@@ -225,7 +237,7 @@ def test_a_written_token_is_shown_even_when_its_audit_row_fails(config: Path) ->
     assert digest(token) in config.read_text()
     assert (
         f"rotate-token proxies.billing is written to {config}, but its audit row could not be"
-        f" written to {no_db}: unable to open database file"
+        f" written: cannot open {no_db}: unable to open database file"
     ) in result.output
     assert result.output.index(token) < result.output.index("Error: ")  # shown first
     assert "Traceback" not in result.output
@@ -280,7 +292,7 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The configs a command looked for running gateways of, to wait for them."""
     asked: list[Path] = []
 
-    def live_gateways(db: Path, config: Path) -> list[dict[str, object]]:
+    def live_gateways(backend: object, config: Path) -> list[object]:
         asked.append(config)
         return []
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
+from tests.support.postgres import have_postgres
 
 pytestmark = [
     pytest.mark.e2e,
@@ -53,13 +54,26 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
         run = report["runs"][name]
         assert all(run["rps"][str(c)] > 0 for c in report["settings"]["connections"])
         assert run["p50_ms"] > 0 and run["p99_ms"] >= run["p50_ms"] and run["peak_rss_mib"] > 0
+    measured = have_postgres()  # else the backends phase says so and is skipped
     assert set(report["ratios"]) == {
         "B/A_rps_c1",
         "B/A_rps_c16",
         "B/A_rps_paired_c16",
         "B-A_p99_ms_c1",
-    }
+        "W2/W1_rps_c16",
+        "W2/A_rps_c16",
+    } | ({"PG/SQLite_rps_paired"} if measured else set())
     assert len(report["paired"]["rounds"]) == 1 and report["paired"]["B/A_rps"] > 0
+    workers = report["workers"]  # keyswap serve --workers 2 vs --workers 1 vs bare mitmdump
+    assert set(workers["rps"]) == {"A", "W1", "W2"} and all(v > 0 for v in workers["rps"].values())
+    assert workers["W2/W1_rps"] > 0 and workers["connections"] == 16
+    backends = report["backends"]  # keyswap on PostgreSQL vs on SQLite, paired
+    if measured:
+        assert len(backends["rounds"]) == 1 and backends["PG/SQLite_rps"] > 0
+        assert all(n > 0 for n in backends["rows"].values())
+        assert "keyswap on PostgreSQL" in done.stdout
+    else:
+        assert "backends: skipped: PostgreSQL is not installed" in done.stdout
     assert report["log"]["requests_sent"] == 500
     assert set(report["streaming"]) == {
         "download_rss_growth_mib",
@@ -67,5 +81,8 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
         "sse_first_event_s",
         "stream_mib",
     }
-    assert len(report["goals"]) == 4 and all(isinstance(v, bool) for v in report["goals"].values())
+    assert len(report["goals"]) == 4 + measured and all(
+        isinstance(v, bool) for v in report["goals"].values()
+    )
     assert "B keyswap" in done.stdout and "goal" in done.stdout
+    assert "W2 keyswap --workers 2" in done.stdout and "wrk on the same" in done.stdout

@@ -34,7 +34,7 @@ class Setup:
     token: str
     tmp: Path
     config: Path
-    db: Path
+    db: Path | str
 
     def get(self, path: str = "/echo", **kw: object) -> httpx.Response:
         return httpx.get(
@@ -58,12 +58,20 @@ class Setup:
 ENV = {"OAUTH_SECRET": SECRET, "OAUTH_REFRESH": REFRESH}
 
 
-def gateway(config: Path, tmp: Path, db: Path) -> Gateway:
+def gateway(config: Path, tmp: Path, db: Path | str) -> Gateway:
     stream = tmp / f"flows-{free_port()}.mitm"
     return start_gateway(config, tmp, db=db, extra=["--set", f"save_stream_file={stream}"], env=ENV)
 
 
-def make(tmp: Path, expires_in: int = 3600, skew: float = 60, client_auth: str = "basic") -> Setup:
+def make(
+    tmp: Path,
+    expires_in: int = 3600,
+    skew: float = 60,
+    client_auth: str = "basic",
+    db: Path | str | None = None,
+    timeout_s: float = 30,
+) -> Setup:
+    """The authorization server and a gateway (state in `db`, default a new SQLite file)."""
     port = free_port()
     auth = start(
         [
@@ -97,12 +105,12 @@ credentials:
     client_auth: {client_auth}
     refresh_skew_s: {skew}
 targets:
-  crm: {{ base_url: "http://127.0.0.1:{port}/api", credential: crm }}
+  crm: {{ base_url: "http://127.0.0.1:{port}/api", credential: crm, timeout_s: {timeout_s} }}
 proxies:
   crm: {{ target: crm, tokens: [{{ id: t, sha256: {digest(token)} }}] }}
 """
     )
-    db = tmp / "keyswap.db"
+    db = db or tmp / "keyswap.db"
     return Setup(auth, gateway(config, tmp, db), token, tmp, config, db)
 
 

@@ -25,9 +25,9 @@ def test_loads_the_config(tmp_path: Path) -> None:
     with taddons.context(Proxyserver(), settings) as tctx:
         tctx.configure(settings, mode=REVERSE, keyswap_config=str(tmp_path / "k.yaml"))
         assert settings.runtime.routes.match("/api/p/x") == ("p", "/api/p", "/x")
-        assert settings.db_path() == tmp_path / "keyswap.db"
+        assert settings.db_path() == str(tmp_path / "keyswap.db")
         tctx.configure(settings, keyswap_db=str(tmp_path / "other.db"))
-        assert settings.db_path() == tmp_path / "other.db"
+        assert settings.db_path() == str(tmp_path / "other.db")
 
 
 def test_invalid_config_is_an_options_error(tmp_path: Path) -> None:

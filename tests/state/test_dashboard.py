@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from keyswap.state import dashboard, queries
-from keyswap.state.store import iso, open_db
+from keyswap.state.store import iso
 from tests.support import ROOT
-from tests.support.activity import write_log
+from tests.support.activity import sqlite_log, write_log
 
 CHARTS = dashboard.charts("keyswap")
 WINDOWED = [(slug, chart["query"]) for slug, chart in CHARTS.items()]
@@ -144,7 +144,7 @@ def test_the_proxy_choices_read_one_index_entry_per_proxy(full_log: sqlite3.Conn
 
 @pytest.mark.parametrize(("slug", "sql"), WINDOWED, ids=[s for s, _ in WINDOWED])
 def test_every_chart_runs_on_an_empty_log(tmp_path: Path, slug: str, sql: str) -> None:
-    with closing(open_db(tmp_path / "empty.db")) as db:
+    with closing(sqlite_log(tmp_path / "empty.db")) as db:
         rows = run(db.conn, sql, last="24 hours")
     if CHARTS[slug]["library"] == "metric":  # one number, never null
         field = CHARTS[slug]["display"]["field"]
@@ -191,7 +191,7 @@ def test_time_buckets_fit_the_window(
 ) -> None:
     """About a hundred buckets whatever the window, each `time` on a bucket boundary (UTC)."""
     now = time.time()
-    with closing(open_db(tmp_path / "k.db")) as db:
+    with closing(sqlite_log(tmp_path / "k.db")) as db:
         seconds = {"1 hour": 3600, "24 hours": 86400, "7 days": 7 * 86400}[last]
         rows = [
             {
@@ -225,7 +225,7 @@ def test_latency_percentiles_are_nearest_rank_over_forwarded_requests(tmp_path: 
     path = tmp_path / "k.db"
     write_log(path, per_hour=300, days=1)
     granted = {"proxy_code": "proxy-access-granted", "status": 200}
-    with closing(open_db(path)) as db:
+    with closing(sqlite_log(path)) as db:
         db["requests"].insert_all(
             [
                 {"id": "a1", "started_at": iso(time.time() - 60), "proxy_id": "tiny"}

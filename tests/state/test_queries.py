@@ -8,21 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlite_utils import Database
 
 from keyswap.config.model import Config
-from keyswap.state import queries
+from keyswap.state import migrations, queries
+from keyswap.state.backends import Backend, Session, open_backend
 from keyswap.state.queries import Follower, LogFilter
-from keyswap.state.store import open_db
-from keyswap.state.writer import insert
+from keyswap.state.writer import commit
+from tests.support.activity import sqlite_log
 from tests.support.synthetic_log import PROXIES, fill
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = open_db(tmp_path / "k.db")
-    yield database
-    database.close()
+def db(backend: Backend) -> Iterator[Session]:
+    """A session on a new state database, of each backend."""
+    with backend.session() as session:
+        yield session
 
 
 def row(i: int, **fields: object) -> dict[str, object]:
@@ -38,15 +38,15 @@ def row(i: int, **fields: object) -> dict[str, object]:
     }
 
 
-def add(db: Database, i: int, **fields: object) -> None:
-    db["requests"].insert(row(i, **fields))
+def add(db: Session, i: int, **fields: object) -> None:
+    db.insert("requests", [row(i, **fields)])
 
 
 def ids(rows: list[dict[str, Any]]) -> list[int]:
     return [int(r["id"]) for r in rows]
 
 
-def test_stats_from_rows_with_known_durations(db: Database) -> None:
+def test_stats_from_rows_with_known_durations(db: Session) -> None:
     for i in range(1, 101):
         add(db, i, bytes_in=10, bytes_out=100)
     add(db, 101, status=401, proxy_code="proxy-access-denied", duration_ms=1000.0)
@@ -78,14 +78,66 @@ def test_stats_from_rows_with_known_durations(db: Database) -> None:
     ],
 )
 def test_percentiles_are_exact_ranks_to_3_significant_digits(
-    db: Database, durations: list[float], expected: float
+    db: Session, durations: list[float], expected: float
 ) -> None:
     for i, ms in enumerate(durations):
         add(db, i, duration_ms=ms)
     assert queries.stats(db)[0]["p50_ms"] == expected
 
 
-def test_stats_since_counts_only_the_window(db: Database) -> None:
+def reference_percentile(durations: list[float], p: int) -> float:
+    """Nearest rank over latencies rounded to 3 significant digits, in Python (for
+    values that sit on no rounding tie)."""
+    rounded = sorted(float(f"{d:.3g}") for d in durations)
+    return rounded[max(0, -(-len(rounded) * p // 100) - 1)]
+
+
+def test_stats_are_the_same_on_both_backends(tmp_path: Path, pg_url: str) -> None:
+    """The same rows give the same figures from SQLite and PostgreSQL, to the last digit."""
+    rng = random.Random(17)
+    edges = [0.0004, 0.0005, 0.9995, 0.9996, 5.675, 9.9995, 99.995, 999.5, 9999.5, 99999.5]
+    generated = []
+    for i in range(3000):
+        code = rng.choice(["proxy-access-granted"] * 8 + ["proxy-access-denied", "proxy-error"])
+        ms = edges[i] if i < len(edges) else round(rng.lognormvariate(3, 1.5), 3)
+        generated.append(
+            row(
+                i,
+                proxy_id=rng.choice(["a", "b", "c-d", "Zed", "é", None]),
+                proxy_code=code,
+                status=rng.choice([200, 201, 404, 429, 500, 502]),
+                duration_ms=ms,
+                bytes_in=rng.randrange(5000),
+                bytes_out=rng.randrange(50_000),
+                started_at=f"2099-01-{1 + i % 28:02d}T00:00:00.000Z",
+            )
+        )
+    figures = []
+    for location in (str(tmp_path / "k.db"), pg_url):
+        with open_backend(location) as backend:
+            migrations.upgrade(backend)
+            with backend.session() as session:
+                session.insert("requests", generated)
+                figures.append(
+                    (
+                        queries.stats(session),
+                        queries.stats(session, since="2099-01-15"),
+                        queries.logs(session, LogFilter.of(status="5xx"), limit=100),
+                        queries.proxy_ids(session),
+                    )
+                )
+    assert figures[0] == figures[1]
+    stats = {s["proxy"]: s for s in figures[0][0]}
+    assert list(stats) == [None, "Zed", "a", "b", "c-d", "é"]  # by bytes, as SQLite sorts
+    forwarded = [
+        r["duration_ms"]
+        for r in generated
+        if r["proxy_id"] == "a" and r["proxy_code"] == "proxy-access-granted"
+    ]
+    assert stats["a"]["p95_ms"] == reference_percentile(forwarded, 95)
+
+
+def test_stats_since_counts_only_the_window(db: Session) -> None:
     add(db, 1, started_at="2000-01-01T00:00:00.000Z", duration_ms=900.0)
     add(db, 2, duration_ms=10.0)
     add(db, 3, proxy_id="old", started_at="2000-01-01T00:00:00.000Z")
@@ -93,7 +145,7 @@ def test_stats_since_counts_only_the_window(db: Database) -> None:
     assert (a["proxy"], a["requests"], a["p99_ms"]) == ("a", 1, 10.0)
 
 
-def test_log_filters(db: Database) -> None:
+def test_log_filters(db: Session) -> None:
     add(db, 1, status=200)
     add(db, 2, status=404, proxy_code="proxy-access-denied")
     add(db, 3, status=503, proxy_id="b")
@@ -113,12 +165,12 @@ def test_log_filters(db: Database) -> None:
     assert logs(proxy="a", status="4xx", since="1d") == [2]
 
 
-def test_json_columns_are_documents(db: Database) -> None:
+def test_json_columns_are_documents(db: Session) -> None:
     add(db, 1, request_headers=json.dumps({"accept": "*/*"}), response_headers="not json {")
     [logged] = queries.logs(db)
     assert logged["request_headers"] == {"accept": "*/*"}
     assert logged["response_headers"] == "not json {"  # shown as it is, never lost
-    db["audit"].insert({"at": "2099", "actor": "x", "action": "edit", "detail": '{"a": [1]}'})
+    db.insert("audit", [{"at": "2099", "actor": "x", "action": "edit", "detail": '{"a": [1]}'}])
     assert queries.audit(db)[0]["detail"] == {"a": [1]}
 
 
@@ -136,17 +188,16 @@ def test_bad_filters_say_what_to_write(bad: str, option: str) -> None:
 # --- following the log ---------------------------------------------------------------
 
 
-def written(db: Database, *rows: dict[str, object]) -> None:
+def written(db: Session, *rows: dict[str, object]) -> None:
     """Rows committed the way the gateway's writer commits them: one batch."""
-    with db.atomic():
-        insert(db, "requests", list(rows))
+    commit(db, {"requests": list(rows)})
 
 
 def followed(follower: Follower) -> list[int]:
     return [int(r["id"]) for batch in follower.poll() for r in batch]
 
 
-def test_follow_prints_nothing_again_while_nothing_is_written(db: Database) -> None:
+def test_follow_prints_nothing_again_while_nothing_is_written(db: Session) -> None:
     for i in range(1, 4):
         add(db, i)
     follower = Follower(db)
@@ -158,7 +209,7 @@ def test_follow_prints_nothing_again_while_nothing_is_written(db: Database) -> N
     assert followed(follower) == []
 
 
-def test_follow_gets_rows_committed_out_of_start_order_once(db: Database) -> None:
+def test_follow_gets_rows_committed_out_of_start_order_once(db: Session) -> None:
     written(db, row(10, started_at="2099-01-01T00:00:10.000Z"))
     follower = Follower(db)
     follower.start(limit=50)
@@ -169,7 +220,7 @@ def test_follow_gets_rows_committed_out_of_start_order_once(db: Database) -> Non
     assert followed(follower) == []
 
 
-def test_follow_applies_the_filter_and_pages_through_bursts(db: Database) -> None:
+def test_follow_applies_the_filter_and_pages_through_bursts(db: Session) -> None:
     follower = Follower(db, LogFilter.of(proxy="a", status="5xx"))
     assert follower.start(limit=50) == []
     burst = [row(i, status=500 + i % 2, proxy_id="a" if i % 3 else "b") for i in range(2500)]
@@ -181,57 +232,59 @@ def test_follow_applies_the_filter_and_pages_through_bursts(db: Database) -> Non
     assert followed(follower) == []
 
 
-def test_follow_survives_pruning_every_row_and_vacuum(db: Database) -> None:
+def test_follow_survives_pruning(db: Session) -> None:
     written(db, *(row(i) for i in range(1, 6)))
     follower = Follower(db)
     follower.start(limit=50)
     db.execute("delete from requests where id <= ?", [f"{3:026d}"])
     written(db, row(6))
-    db.conn.commit()
-    # what VACUUM may do to a table without an INTEGER PRIMARY KEY: 4, 5, 6 become 1, 2, 3
-    db.execute("update requests set rowid = rowid - 3")
-    db.conn.commit()
-    db.execute("VACUUM")
+    if db.dialect == "sqlite":
+        # what VACUUM may do to a table without an INTEGER PRIMARY KEY: 4, 5, 6 become
+        # 1, 2, 3 (PostgreSQL's seq never moves)
+        db.execute("update requests set rowid = rowid - 3")
+        db.execute("VACUUM")
     written(db, row(7))
     assert followed(follower) == [6, 7]
     db.execute("delete from requests")  # retention pruned everything
-    db.conn.commit()
     written(db, row(8))
     assert followed(follower) == [8]
 
 
-def test_follow_loses_and_repeats_no_row_while_writers_commit(tmp_path: Path) -> None:
-    """Two gateway processes' writers commit batches of rows in shuffled start order
-    while the log is followed: each row is seen exactly once."""
-    path = tmp_path / "k.db"
-    reader = open_db(path)
-    follower = Follower(reader)
-    follower.start(limit=10)
+def test_follow_loses_and_repeats_no_row_while_writers_commit(state_db: str) -> None:
+    """Two gateway processes' writers commit batches of rows in shuffled start order,
+    each commit held back a little after its rows got their numbers, while the log is
+    followed: each row is seen exactly once."""
+    reader = open_backend(state_db)
+    migrations.upgrade(reader)
     total = 4000
 
     def writer(offset: int) -> None:
-        db = open_db(path)
         rng = random.Random(offset)
-        for start in range(offset, offset + total // 2, 100):
-            batch = [
-                row(i, started_at=f"2099-01-01T00:{rng.randrange(60):02d}:00.000Z")
-                for i in range(start, start + 100)
-            ]
-            rng.shuffle(batch)
-            written(db, *batch)
-            time.sleep(rng.random() / 200)
-        db.close()
+        with open_backend(state_db) as backend, backend.session() as db:
+            for start in range(offset, offset + total // 2, 100):
+                batch = [
+                    row(i, started_at=f"2099-01-01T00:{rng.randrange(60):02d}:00.000Z")
+                    for i in range(start, start + 100)
+                ]
+                rng.shuffle(batch)
+                with db.transaction():
+                    written(db, *batch)
+                    time.sleep(rng.random() / 100)  # committed a while after the insert
+                time.sleep(rng.random() / 200)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in (0, total // 2)]
-    for t in threads:
-        t.start()
-    seen: list[int] = []
-    while any(t.is_alive() for t in threads):
+    with reader.session() as session:
+        follower = Follower(session)
+        follower.start(limit=10)
+        threads = [threading.Thread(target=writer, args=(n,)) for n in (0, total // 2)]
+        for t in threads:
+            t.start()
+        seen: list[int] = []
+        while any(t.is_alive() for t in threads):
+            seen += followed(follower)
+            time.sleep(0.002)
+        for t in threads:
+            t.join()
         seen += followed(follower)
-        time.sleep(0.002)
-    for t in threads:
-        t.join()
-    seen += followed(follower)
     reader.close()
     assert len(seen) == total and sorted(seen) == list(range(total))
 
@@ -242,32 +295,38 @@ LARGE = 200_000
 
 
 @pytest.fixture(scope="module")
-def large(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    database = open_db(tmp_path_factory.mktemp("large") / "k.db")
+def large(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
+    """A session on an SQLite log of LARGE rows (query plans are SQLite's)."""
+    path = tmp_path_factory.mktemp("large") / "k.db"
+    database = sqlite_log(path)
     fill(database, LARGE, wide=False)
-    yield database
     database.close()
+    with open_backend(path) as backend, backend.session() as session:
+        yield session
 
 
-def statements(db: Database, action: Callable[[], object]) -> list[str]:
+def statements(db: Session, action: Callable[[], object]) -> list[str]:
     """The SQL statements `action` runs (with their values), but transactions' own."""
     ran: list[str] = []
-    db.conn.set_trace_callback(ran.append)
+    conn = db.conn  # type: ignore[attr-defined]
+    conn.set_trace_callback(ran.append)
     try:
         action()
     finally:
-        db.conn.set_trace_callback(None)
+        conn.set_trace_callback(None)
     return [
-        s for s in ran if s.split()[0].upper() not in ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")
+        s
+        for s in ran
+        if s.split()[0].upper() not in ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
     ]
 
 
-def plans(db: Database, action: Callable[[], object]) -> list[str]:
+def plans(db: Session, action: Callable[[], object]) -> list[str]:
     """The query plan of every statement `action` runs, one text each."""
     out = []
     for sql in statements(db, action):
-        steps = db.execute("explain query plan " + sql).fetchall()
-        out.append("\n".join(step[3] for step in steps))
+        steps = db.query("explain query plan " + sql)
+        out.append("\n".join(step["detail"] for step in steps))
     return out
 
 
@@ -303,13 +362,13 @@ def reads_no_table(plan: str) -> bool:
     ],
 )
 def test_logs_reads_an_index_newest_first(
-    large: Database, filters: dict[str, str], index: str
+    large: Session, filters: dict[str, str], index: str
 ) -> None:
     [plan] = plans(large, lambda: queries.logs(large, LogFilter.of(**filters)))
     assert index in plan and reads_no_table(plan), plan
 
 
-def test_stats_reads_the_per_proxy_index_only(large: Database) -> None:
+def test_stats_reads_the_per_proxy_index_only(large: Session) -> None:
     for since in (None, "1d"):
         found = plans(large, lambda: queries.stats(large, since))  # noqa: B023
         assert len(found) > len(PROXIES)
@@ -320,7 +379,7 @@ def test_stats_reads_the_per_proxy_index_only(large: Database) -> None:
                     assert "COVERING INDEX" in line or "INTEGER PRIMARY KEY" in line, plan
 
 
-def test_follow_reads_by_rowid(large: Database) -> None:
+def test_follow_reads_by_rowid(large: Session) -> None:
     follower = Follower(large, LogFilter.of(proxy="maps", status="5xx"))
     follower.start(limit=1)
     found = plans(large, lambda: list(follower.poll()))
@@ -328,7 +387,7 @@ def test_follow_reads_by_rowid(large: Database) -> None:
     assert any("INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in p for p in found), found
 
 
-def test_a_large_log_is_not_loaded_into_python(large: Database) -> None:
+def test_a_large_log_is_not_loaded_into_python(large: Session) -> None:
     tracemalloc.start()
     try:
         result = queries.stats(large)

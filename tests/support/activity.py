@@ -1,7 +1,7 @@
 """A realistic activity log for tests of the dashboard and for its screenshot: a day of
 traffic (and a week of lighter history) through four proxies, with refusals, target
 errors, timeouts and an outage of the corporate upstream proxy, written with keyswap's
-own schema (`open_db`)."""
+own schema (`sqlite_log`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keyswap.state.store import iso, open_db
+from sqlite_utils import Database
+
+from keyswap.state import migrations
+from keyswap.state.backends import open_backend
+from keyswap.state.store import iso
+
+
+def sqlite_log(path: Path) -> Database:
+    """An SQLite state database with keyswap's current schema, opened with sqlite-utils
+    (for tests that fill or read it as a user would)."""
+    with open_backend(path) as backend:
+        migrations.upgrade(backend)
+    return Database(path)
 
 
 @dataclass(frozen=True)
@@ -162,7 +174,7 @@ def base(rng: random.Random, t: float, sequence: int, proxy: Proxy | None) -> di
 def write_log(path: Path, now: float | None = None, **options: Any) -> int:
     """Create the database at `path` with keyswap's schema and generated rows; how many."""
     generated = list(rows(time.time() if now is None else now, **options))
-    with closing(open_db(path)) as db:
+    with closing(sqlite_log(path)) as db:
         db["requests"].insert_all(generated, batch_size=2000)
     return len(generated)
 

@@ -5,6 +5,8 @@ POST /token          client_credentials or refresh_token grants; rotates refresh
 ANY  /api/...        needs `Authorization: Bearer <live access token>`, else 401;
                      answers JSON {method, path, body} (+ token under /api/echo)
 POST /admin/mode     body: ok | down | invalid_grant | garbage   (how /token behaves)
+POST /admin/hold     the next /token request waits, unprocessed, until /admin/release
+POST /admin/release  processes the held request now (with the state as it is then)
 POST /admin/expire   every access token issued so far stops working
 GET  /admin/stats    {token_calls, grants, spent_reused, refresh_tokens_seen}
 """
@@ -29,6 +31,9 @@ class State:
         self.live: set[str] = set()
         self.expires_in = expires_in
         self.mode = "ok"
+        self.hold = False
+        self.held = threading.Event()  # a /token request is waiting
+        self.release = threading.Event()
         self.n = 0
         self.stats: dict[str, object] = {
             "token_calls": 0,
@@ -70,6 +75,16 @@ class Handler(BaseHTTPRequestHandler):
             with s.lock:
                 s.mode = body.decode()
             self.send(200, {"mode": s.mode})
+        elif self.path == "/admin/hold":
+            with s.lock:
+                s.hold = True
+                s.held.clear()
+                s.release.clear()
+            self.send(200, {})
+        elif self.path == "/admin/release":
+            waiting = s.held.wait(10)
+            s.release.set()
+            self.send(200 if waiting else 409, {"held": waiting})
         elif self.path == "/admin/expire":
             with s.lock:
                 s.live.clear()
@@ -95,6 +110,11 @@ class Handler(BaseHTTPRequestHandler):
     def token(self, body: bytes) -> None:
         s = self.state
         form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        with s.lock:
+            held, s.hold = s.hold, False
+        if held:  # only this request: the next ones are served at once
+            s.held.set()
+            s.release.wait(60)
         with s.lock:
             s.stats["token_calls"] += 1  # type: ignore[operator]
             mode = s.mode

@@ -110,9 +110,10 @@ def start_gateway(
     plain_mitmdump: bool = False,
     extra: list[str] | None = None,
     env: dict[str, str] | None = None,
-    db: Path | None = None,
+    db: Path | str | None = None,
 ) -> Gateway:
-    """The gateway, via `keyswap serve` or, with plain_mitmdump, `mitmdump -s`."""
+    """The gateway, via `keyswap serve` or, with plain_mitmdump, `mitmdump -s`; `db` is
+    the state database, a file (default: a new one in `tmp`) or a PostgreSQL URL."""
     port = free_port()
     db = db or tmp / f"keyswap-{port}.db"
     if plain_mitmdump:

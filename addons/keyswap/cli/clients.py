@@ -17,14 +17,26 @@ from keyswap.cli.options import config_option, default_db, json_option, load_or_
 from keyswap.cli.proxies import proxy_or_fail, proxy_urls
 from keyswap.config.edit import dump, read_document
 from keyswap.config.substitution import is_indirect
+from keyswap.state.backends import StateError, is_url, open_backend
 from keyswap.state.registry import live_gateways
 
 
 def _gateway_url(url: str | None, config_path: str) -> str:
+    """--url, else a live gateway of this config (from the state database), else the
+    default address."""
     if url:
         return url.rstrip("/")
-    running = live_gateways(default_db(config_path), Path(config_path))
-    return str(running[0]["url"]) if running else _LOCAL
+    db = default_db(config_path)
+    if is_url(db) or Path(db).exists():
+        try:
+            with open_backend(db) as backend:
+                running = live_gateways(backend, Path(config_path))
+        except StateError:
+            running = []
+        for gateway in running:
+            if found := gateway.url():
+                return found
+    return _LOCAL
 
 
 _LOCAL = "http://127.0.0.1:8080"

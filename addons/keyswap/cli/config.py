@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import json
-from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from keyswap.cli.options import config_option, default_db, json_option, load_or_fail, print_json
+from keyswap.cli.options import (
+    config_option,
+    default_db,
+    json_option,
+    load_or_fail,
+    print_json,
+    reading,
+)
 from keyswap.config.loader import ConfigError, LoadedConfig, load_config
 from keyswap.config.model import OAuth2Credential, json_schema
-from keyswap.state.store import open_db
+from keyswap.state.backends import is_url
 
 
 @click.command()
 @config_option
 @click.option("--live", is_flag=True, help="Also report oauth2 token state from the database.")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), help="State database (--live).")
+@click.option("--db", "db_path", metavar="PATH|URL", help="State database (--live).")
 @json_option
 def check(config_path: str, live: bool, db_path: str | None, as_json: bool) -> None:
     """Validate a config file: a summary and exit 0, or every error and exit 1.
@@ -32,22 +38,28 @@ def check(config_path: str, live: bool, db_path: str | None, as_json: bool) -> N
       keyswap check --config config/keyswap.yaml --live
     """
     if as_json:
-        check_json(config_path, db_path or str(default_db(config_path)) if live else None)
+        check_json(config_path, db_path or default_db(config_path) if live else None)
         return
     loaded = load_or_fail(config_path)
     for warning in loaded.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(summary(loaded))
     if live:
-        oauth2_state(loaded, db_path or str(default_db(config_path)))
+        oauth2_state(loaded, db_path or default_db(config_path))
 
 
-def oauth2_state(loaded: LoadedConfig, db_path: str) -> None:
+def recorded_tokens(config_path: str | Path, db: str) -> dict[str, dict[str, Any]]:
+    """The `oauth2_tokens` rows by credential, as the gateway last recorded them (none
+    when there is no database yet)."""
+    if not is_url(db) and not Path(db).exists():
+        return {}
+    with reading(config_path, db) as backend, backend.session() as session:
+        return {r["credential"]: r for r in session.query("select * from oauth2_tokens")}
+
+
+def oauth2_state(loaded: LoadedConfig, db: str) -> None:
     names = [n for n, c in loaded.config.credentials.items() if isinstance(c, OAuth2Credential)]
-    states: dict[str, dict[str, Any]] = {}
-    if Path(db_path).exists():
-        with closing(open_db(db_path)) as db:
-            states = {r["credential"]: r for r in db["oauth2_tokens"].rows}
+    states = recorded_tokens(loaded.path, db)
     broken = []
     for name in names:
         state = states.get(name)
@@ -105,10 +117,7 @@ def check_json(config_path: str, live_db: str | None) -> None:
     }
     broken = []
     if live_db is not None:
-        states: dict[str, dict[str, Any]] = {}
-        if Path(live_db).exists():
-            with closing(open_db(live_db)) as db:
-                states = {r["credential"]: r for r in db["oauth2_tokens"].rows}
+        states = recorded_tokens(config_path, live_db)
         names = [n for n, cred in c.credentials.items() if isinstance(cred, OAuth2Credential)]
         document["oauth2"] = [
             {

@@ -18,6 +18,7 @@ import click
 from keyswap.cli.options import config_option, db_option, default_db
 from keyswap.net.urls import hostport
 from keyswap.state import dashboard as views
+from keyswap.state.backends import StateError, is_url, shown
 
 INSTALL = "pip install 'keyswap[datasette]'"
 # Datasette's defaults suit ad-hoc SQL. A chart reads every row of its time window, a
@@ -67,7 +68,17 @@ def dashboard(
     Example:
       keyswap dashboard --db keyswap.db --port 8001 --open
     """
-    path = Path(db_path) if db_path else default_db(config_path)
+    db = db_path or default_db(config_path)
+    if is_url(db):
+        try:
+            where = shown(db)
+        except StateError as e:
+            raise click.ClickException(str(e)) from None
+        raise click.ClickException(
+            f"keyswap dashboard serves an SQLite activity log with Datasette; {where} is"
+            " PostgreSQL: read it with keyswap logs and keyswap stats, or a PostgreSQL client"
+        )
+    path = Path(db)
     if print_metadata:
         click.echo(views.metadata_yaml(views.datasette_name(path)), nl=False)
         return

@@ -4,24 +4,23 @@ trail (a thin layer over `keyswap.state.queries`)."""
 from __future__ import annotations
 
 import time
-from contextlib import closing
 from typing import Any, NoReturn
 
 import click
-from sqlite_utils import Database
 
 from keyswap.cli.options import (
     config_option,
     db_option,
     fail_on_value_error,
     json_option,
-    open_log,
     print_json,
+    reading,
     since_option,
     table,
 )
 from keyswap.config.loader import ConfigError, load_config
 from keyswap.state import queries
+from keyswap.state.backends import Session
 
 LOG_COLUMNS = [
     "started_at",
@@ -68,19 +67,19 @@ def logs(
       keyswap logs --proxy crm-prod --status 5xx --since 2h
     """
     where = fail_on_value_error(lambda: queries.LogFilter.of(proxy, status, code, since))
-    with closing(open_log(config_path, db_path)) as db:
+    with reading(config_path, db_path) as backend, backend.session() as session:
         if follow:
-            follow_log(db, where, limit, as_json)
-        rows = queries.logs(db, where, limit)
+            follow_log(session, where, limit, as_json)
+        rows = queries.logs(session, where, limit)
     if as_json:
         print_json(rows)
     else:
         click.echo(table(rows, LOG_COLUMNS))
 
 
-def follow_log(db: Database, where: queries.LogFilter, limit: int, as_json: bool) -> NoReturn:
+def follow_log(session: Session, where: queries.LogFilter, limit: int, as_json: bool) -> NoReturn:
     """Print the newest matching rows, then each new one as it is written, until Ctrl-C."""
-    follower = queries.Follower(db, where)
+    follower = queries.Follower(session, where)
     widths: dict[str, int] = {}
 
     def show(rows: list[dict[str, Any]], header: bool) -> None:
@@ -110,8 +109,8 @@ def stats(config_path: str, db_path: str | None, since: str | None, as_json: boo
     Example:
       keyswap stats --since 1d
     """
-    with closing(open_log(config_path, db_path)) as db:
-        rows = fail_on_value_error(lambda: queries.stats(db, since))
+    with reading(config_path, db_path) as backend, backend.session() as session:
+        rows = fail_on_value_error(lambda: queries.stats(session, since))
     if as_json:
         print_json(rows)
         return
@@ -133,8 +132,8 @@ def curl(config_path: str, db_path: str | None, request_id: str, as_json: bool) 
     Example:
       keyswap curl 01a1fdd8e203642913c39c7a4f
     """
-    with closing(open_log(config_path, db_path)) as db:
-        row = queries.request(db, request_id)
+    with reading(config_path, db_path) as backend, backend.session() as session:
+        row = queries.request(session, request_id)
     if row is None:
         raise click.ClickException(f"no request {request_id} in the activity log")
     try:
@@ -164,8 +163,8 @@ def audit(
     Example:
       keyswap audit --since 1d
     """
-    with closing(open_log(config_path, db_path)) as db:
-        rows = fail_on_value_error(lambda: queries.audit(db, since, resource))
+    with reading(config_path, db_path) as backend, backend.session() as session:
+        rows = fail_on_value_error(lambda: queries.audit(session, since, resource))
     if as_json:
         print_json(rows)
         return

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import click
 
-from keyswap.cli import clients, config, dashboard, log, proxies, serve, templates, upstreams
+from keyswap.cli import (
+    clients,
+    config,
+    dashboard,
+    db,
+    gateways,
+    log,
+    proxies,
+    serve,
+    templates,
+    upstreams,
+)
 from keyswap.cli.options import Commands
 
 
@@ -31,6 +42,8 @@ for command in (
     log.curl,
     log.audit,
     dashboard.dashboard,
+    gateways.gateways,
+    db.db,
     proxies.proxies,
     templates.templates,
     clients.test_proxy,

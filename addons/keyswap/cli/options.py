@@ -1,5 +1,5 @@
 """What the `keyswap` commands share: the --config, --db and --json options, loading the
-config with every error shown, opening the state database, tables, JSON, and how Ctrl-C
+config with every error shown, opening the state backend, tables, JSON, and how Ctrl-C
 ends a command."""
 
 from __future__ import annotations
@@ -8,17 +8,17 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from sqlite_utils import Database
 
 from keyswap.config.loader import ConfigError, LoadedConfig, load_config
-from keyswap.state.store import open_db
+from keyswap.state import migrations
+from keyswap.state.backends import Backend, StateError, is_url, open_backend
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,10 +27,10 @@ def default_config() -> str:
     return os.environ.get("KEYSWAP_CONFIG", "config/keyswap.yaml")
 
 
-def default_db(config_path: str | Path) -> Path:
-    """`$KEYSWAP_DB`, else `keyswap.db` beside the config file."""
-    env = os.environ.get("KEYSWAP_DB")
-    return Path(env) if env else Path(config_path).parent / "keyswap.db"
+def default_db(config_path: str | Path) -> str:
+    """`$KEYSWAP_DB`, else `keyswap.db` beside the config file: an SQLite file's path or a
+    PostgreSQL URL (text: a Path would fold the URL's `//`)."""
+    return os.environ.get("KEYSWAP_DB") or str(Path(config_path).parent / "keyswap.db")
 
 
 config_option = click.option(
@@ -129,22 +129,42 @@ class Commands(click.Group):
             end_on_interrupt()
 
 
-db_option = click.option(
-    "--db",
-    "db_path",
-    type=click.Path(dir_okay=False),
-    help="State database [default: $KEYSWAP_DB, else keyswap.db beside the config].",
+DB_HELP = (
+    "State database: an SQLite file or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
+    " [default: $KEYSWAP_DB, else keyswap.db beside the config]."
 )
+db_option = click.option("--db", "db_path", metavar="PATH|URL", help=DB_HELP)
 
 
-def open_log(config_path: str, db_path: str | None) -> Database:
-    """The state database, to read: an older schema is left for the gateway to upgrade."""
-    path = Path(db_path) if db_path else default_db(config_path)
-    if not path.exists():
+@contextmanager
+def connected(config_path: str | Path, db_path: str | None, *, create: bool) -> Iterator[Backend]:
+    """The state backend at --db (or its default), closed at the end of the block; any
+    state error in the block ends the command with its message (never a password).
+    Without `create`, an SQLite file must exist already."""
+    db = db_path or default_db(config_path)
+    if not create and not is_url(db) and not Path(db).exists():
         raise click.ClickException(
-            f"no activity log at {path}; pass --db (or set KEYSWAP_DB) to the gateway's database"
+            f"no activity log at {db}; pass --db (or set KEYSWAP_DB) to the gateway's database"
         )
-    return open_db(path, upgrade=False)
+    try:
+        backend = open_backend(db)
+    except StateError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        yield backend
+    except StateError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        backend.close()
+
+
+@contextmanager
+def reading(config_path: str | Path, db_path: str | None) -> Iterator[Backend]:
+    """`connected`, for a command that only reads: the database must exist, and an
+    existing schema is read as it is (`migrations.for_reading`)."""
+    with connected(config_path, db_path, create=False) as backend:
+        migrations.for_reading(backend)
+        yield backend
 
 
 def since_option(help_text: str) -> Callable[[F], F]:

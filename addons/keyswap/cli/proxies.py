@@ -5,10 +5,9 @@ audited) and waiting for running gateways to load the change."""
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +37,9 @@ from keyswap.config.loader import ConfigError
 from keyswap.config.model import Config, Proxy
 from keyswap.config.templates import TEMPLATES, Template
 from keyswap.config.tokens import digest, new_token
-from keyswap.state.registry import live_gateways
+from keyswap.state import migrations
+from keyswap.state.backends import Backend, SchemaTooNew, StateError, is_url, open_backend
+from keyswap.state.registry import Gateway, live_gateways
 from keyswap.state.store import audit
 
 ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -58,7 +59,7 @@ LIST_WIDTHS = {
 
 
 db_for = click.option(
-    "--db", "db_path", type=click.Path(dir_okay=False), help="State database (audit)."
+    "--db", "db_path", metavar="PATH|URL", help="State database (audit, running gateways)."
 )
 
 
@@ -145,6 +146,7 @@ def commit(
     running gateways to load the change, and print the new `token` last. An edit that
     changes nothing prints `unchanged` (what is already so); a dry run prints the diff.
     Neither writes, audits nor waits."""
+    _refuse_a_newer_schema(edit, db_path)
     try:
         change = edit.save()
     except ConfigError as e:
@@ -163,26 +165,24 @@ def commit(
     assert loaded is not None
     try:
         click.echo(f"{action} {resource}: written to {edit.path}")
-        db = Path(db_path) if db_path else default_db(edit.path)
-        try:
-            # Still under the lock, so that no change is written without its audit row
-            # being attempted, and the rows are in the order of the changes.
-            for row in ((action, resource, detail), *also):
-                audit(db, *row, actor)
-        except sqlite3.Error as e:
-            raise click.ClickException(
-                f"{action} {resource} is written to {edit.path}, but its audit row could not"
-                f" be written to {db}: {e}"
-            ) from None
-        # Waiting takes up to WAIT_S per gateway: other commands need not queue behind it.
-        edit.unlock()
-        try:
-            gateways = live_gateways(db, edit.path)
-        except sqlite3.Error as e:
-            click.echo(f"warning: cannot tell which gateways serve {edit.path} ({db}: {e})")
-            gateways = []
-        for gateway in gateways:
-            click.echo(wait_for(gateway, loaded.digest))
+        with ExitStack() as stack:
+            try:
+                backend = stack.enter_context(open_backend(db_path or default_db(edit.path)))
+                migrations.upgrade(backend)
+                # Still under the lock, so that no change is written without its audit
+                # row being attempted, and the rows are in the order of the changes.
+                with backend.session() as session:
+                    for row in ((action, resource, detail), *also):
+                        audit(session, *row, actor)
+            except StateError as e:
+                raise click.ClickException(
+                    f"{action} {resource} is written to {edit.path}, but its audit row could"
+                    f" not be written: {e}"
+                ) from None
+            # Waiting takes up to WAIT_S: other commands need not queue behind it.
+            edit.unlock()
+            for line in wait_for(backend, edit.path, loaded.digest):
+                click.echo(line)
     finally:
         # The token comes last, after what changed and who serves it (as the docs show),
         # but once the file holds its digest it is printed on every way out: before the
@@ -191,6 +191,22 @@ def commit(
         if token is not None:
             click.echo(f"token {token.id} (shown once, store it now): {token.token}")
     return change
+
+
+def _refuse_a_newer_schema(edit: ConfigEdit, db_path: str | None) -> None:
+    """Before anything is written: a database that a newer keyswap upgraded takes no
+    audit row from this one, so the change is refused whole. (A database that cannot be
+    reached is said when the audit row is written, after the file, as the token is.)"""
+    db = db_path or default_db(edit.path)
+    if edit.dry_run or not (is_url(db) or Path(db).exists()):
+        return
+    try:
+        with open_backend(db) as backend:
+            migrations.writable(backend)
+    except SchemaTooNew as e:
+        raise click.ClickException(f"{e}; nothing was written") from None
+    except StateError:
+        return
 
 
 def _show_dry_run(change: Change, action: str, resource: str, token: NewToken | None) -> None:
@@ -210,19 +226,53 @@ def _show_dry_run(change: Change, action: str, resource: str, token: NewToken | 
         )
 
 
-def wait_for(gateway: dict[str, Any], digest_: str) -> str:
-    """Poll a gateway's health endpoint until it serves the config with this digest."""
-    where = f"gateway pid {gateway['pid']} at {gateway['url']}"
+def wait_for(backend: Backend, config_path: Path, digest_: str) -> Iterator[str]:
+    """Wait until every live gateway of this config serves the one with this digest: its
+    registry row says so (a gateway rewrites it after every reload) or its health
+    endpoint does. A line for each, a warning for each that does not within WAIT_S."""
+    try:
+        pending = {g.id: g for g in live_gateways(backend, config_path)}
+    except StateError as e:
+        yield f"warning: cannot tell which gateways serve {config_path} ({e})"
+        return
     started = time.monotonic()
-    while time.monotonic() - started < WAIT_S:
+    while pending:
         try:
-            health = httpx.get(f"{gateway['url']}/_keyswap/health", timeout=2).json()
-            if health.get("config", {}).get("digest") == digest_:
-                return f"{where} serves the change ({time.monotonic() - started:.1f} s)"
-        except (httpx.HTTPError, ValueError):
-            pass
+            rows = {g.id: g for g in live_gateways(backend, config_path)}
+        except StateError:
+            rows = {}
+        for gateway in list(pending.values()):
+            said = rows.get(gateway.id, gateway).config_digest
+            if said == digest_ or _health_serves(gateway, digest_):
+                del pending[gateway.id]
+                took = time.monotonic() - started
+                yield f"{_named(gateway)} serves the change ({took:.1f} s)"
+        if time.monotonic() - started >= WAIT_S:
+            break
         time.sleep(0.1)
-    return f"warning: {where} has not loaded the change within {WAIT_S:.0f} s"
+    for gateway in pending.values():
+        yield f"warning: {_named(gateway)} has not loaded the change within {WAIT_S:.0f} s"
+
+
+def _named(gateway: Gateway) -> str:
+    url = gateway.url()
+    return f"gateway {gateway.id}" + (f" at {url}" if url else "")
+
+
+def _health_serves(gateway: Gateway, digest_: str) -> bool:
+    """Whether the gateway's health endpoint reports this digest. Several processes may
+    share its address (`serve --workers`): only this one's answer (its pid) counts."""
+    url = gateway.url()
+    if url is None:
+        return False
+    try:
+        health = httpx.get(f"{url}/_keyswap/health", timeout=0.5).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return bool(
+        health.get("pid", gateway.pid) == gateway.pid
+        and health.get("config", {}).get("digest") == digest_
+    )
 
 
 @click.group()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from keyswap.gateway.pipeline import Pipeline
+from keyswap.gateway.reuse_port import ReusePort
 from keyswap.gateway.settings import Settings
 from keyswap.gateway.stages.auth import Authenticate
 from keyswap.gateway.stages.cors import Cors
@@ -38,11 +39,19 @@ def build() -> list[Any]:
 
     stages = [
         settings,
+        ReusePort(),  # keyswap_reuse_port; keyswap serve adds one to the master too: see there
         HeadGate(settings, recorder.record),  # limits while a request head arrives
         Firewall(settings),  # first on a parsed request: nothing reads it before this
         Drain(),  # its `done` waits for requests in flight before the others close
         Router(settings),
-        Health(settings, {"activity_log": recorder.report, "oauth2": oauth2.report}),
+        Health(
+            settings,
+            {
+                "backend": recorder.backend_report,
+                "activity_log": recorder.report,
+                "oauth2": oauth2.report,
+            },
+        ),
         cors,
         Authenticate(settings),
         Policy(settings),

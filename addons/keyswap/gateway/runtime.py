@@ -1,5 +1,5 @@
 """The config compiled for serving: route table, token index, where each proxy's token
-may stand, rate limiters and header plans."""
+may stand, rate-limit rows and header plans."""
 
 from __future__ import annotations
 
@@ -7,17 +7,11 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from keyswap.config.loader import LoadedConfig
-from keyswap.config.model import (
-    Config,
-    Credential,
-    HeaderCredential,
-    QueryCredential,
-    parse_rate_limit,
-)
+from keyswap.config.model import Config, Credential, HeaderCredential, QueryCredential
 from keyswap.config.tokens import TOKEN_HEADERS
 from keyswap.gateway.header_plan import Plan, request_plan, response_plan
-from keyswap.gateway.rate_limit import RateLimiter
 from keyswap.gateway.routes import RouteTable
+from keyswap.state.rate_limits import Rate
 
 
 @dataclass(frozen=True)
@@ -50,7 +44,9 @@ class Runtime:
     loaded: LoadedConfig | None
     routes: RouteTable = field(default_factory=lambda: RouteTable(()))
     tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # digest -> proxy, token id
-    limiters: dict[str, RateLimiter] = field(default_factory=dict)
+    # proxy -> its row in `rate_limits` and its rate; the row, in the state database, is
+    # all the state a limit has, so a reload keeps it and a changed rate gets a new row
+    rate_limits: dict[str, tuple[str, Rate]] = field(default_factory=dict)
     header_plans: dict[str, tuple[Plan, Plan]] = field(default_factory=dict)  # request, response
     token_places: dict[str, TokenPlaces] = field(default_factory=dict)
     served: frozenset[str] = frozenset()  # the proxies this environment and region serve
@@ -62,7 +58,7 @@ class Runtime:
         return self.loaded.config
 
     @classmethod
-    def build(cls, loaded: LoadedConfig, previous: Runtime | None = None) -> Runtime:
+    def build(cls, loaded: LoadedConfig) -> Runtime:
         config = loaded.config
         # Served proxies claim their routes first; the others stay routable so that a
         # request to them is told why it is refused instead of "unknown route".
@@ -72,18 +68,11 @@ class Runtime:
         tokens = {
             t.sha256: (pid, t.id) for pid, proxy in config.proxies.items() for t in proxy.tokens
         }
-        limiters: dict[str, RateLimiter] = {}
-        old = previous.limiters if previous else {}
-        old_config = previous.loaded.config if previous and previous.loaded else None
+        rate_limits: dict[str, tuple[str, Rate]] = {}
         for pid, proxy in config.proxies.items():
-            if proxy.rate_limit is None:
-                continue
-            kept = old.get(pid)
-            was = old_config.proxies.get(pid) if old_config else None
-            if kept is not None and was is not None and was.rate_limit == proxy.rate_limit:
-                limiters[pid] = kept  # a reload does not reset the bucket
-            else:
-                limiters[pid] = RateLimiter(*parse_rate_limit(proxy.rate_limit))
+            if proxy.rate_limit is not None:
+                rate = Rate.parse(proxy.rate_limit)
+                rate_limits[pid] = (rate.key(pid), rate)
         header_plans = {
             pid: (request_plan(proxy.request_headers), response_plan(proxy.response_headers))
             for pid, proxy in config.proxies.items()
@@ -92,4 +81,4 @@ class Runtime:
             pid: TokenPlaces.of(config.credentials.get(config.targets[proxy.target].credential))
             for pid, proxy in config.proxies.items()
         }
-        return cls(loaded, routes, tokens, limiters, header_plans, token_places, served)
+        return cls(loaded, routes, tokens, rate_limits, header_plans, token_places, served)

@@ -39,7 +39,8 @@ class Settings:
             "keyswap_db",
             str,
             "",
-            "keyswap's state database (activity log). Default: keyswap.db beside the config.",
+            "keyswap's state database: an SQLite file (default: keyswap.db beside the "
+            "config) or postgresql://USER@HOST[:PORT]/DB.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -63,7 +64,7 @@ class Settings:
                     f"keyswap: {path} is invalid:\n" + "\n".join(str(p) for p in e.problems)
                 ) from None
             self.source = source
-            self.runtime = Runtime.build(source.current, self.runtime)
+            self.runtime = Runtime.build(source.current)
             for warning in source.current.warnings:
                 logger.warning("keyswap: %s", warning)
             logger.info("keyswap: serving %s (%s)", path, _describe(source.current))
@@ -106,7 +107,7 @@ class Settings:
             return
         if loaded is None:
             return
-        self.runtime = Runtime.build(loaded, self.runtime)
+        self.runtime = Runtime.build(loaded)
         for warning in loaded.warnings:
             logger.warning("keyswap: %s", warning)
         logger.info("keyswap: reloaded %s (%s)", loaded.path, _describe(loaded))
@@ -119,11 +120,12 @@ class Settings:
             except Exception:
                 logger.exception("keyswap: reload listener failed")
 
-    def db_path(self) -> Path:
-        """The state database: the option, else keyswap.db beside the config file."""
+    def db_path(self) -> str:
+        """The state database: the option (a path or a PostgreSQL URL, kept as text: a
+        Path would fold the URL's `//`), else keyswap.db beside the config file."""
         if ctx.options.keyswap_db:
-            return Path(ctx.options.keyswap_db)
-        return Path(ctx.options.keyswap_config).parent / "keyswap.db"
+            return str(ctx.options.keyswap_db)
+        return str(Path(ctx.options.keyswap_config).parent / "keyswap.db")
 
 
 def mode_problem(modes: list[str]) -> str | None:

@@ -1,6 +1,6 @@
 """Reading the activity log: the library under `keyswap logs`, `stats`, `curl` and
-`audit`. Every query is answered by SQLite from an index (docs/activity-log.md says
-which); none loads more rows into Python than it returns."""
+`audit`, on either backend. Every query is answered by the database from an index
+(docs/activity-log.md says which); none loads more rows into Python than it returns."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import json
 import re
 import shlex
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
-
-from sqlite_utils import Database
 
 from keyswap.config.model import BasicProxyAuth, Config
 from keyswap.config.secrets import MASK
 from keyswap.net.urls import hostport
+from keyswap.state.backends import Session
 
 _SINCE = re.compile(r"(\d+)\s*(s|m|h|d)")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -26,6 +26,9 @@ _CURL_SKIP = {"host", "content-length", "connection", "accept-encoding", "transf
 # Columns that hold a JSON document: a reader gets the document, not its text.
 JSON_COLUMNS = frozenset({"request_headers", "response_headers", "detail"})
 GRANTED, DENIED, PROXY_ERROR = "proxy-access-granted", "proxy-access-denied", "proxy-error"
+# The column that numbers rows in commit order: SQLite's rowid; PostgreSQL has `seq`
+# (migrations, version 3), which no reader shows.
+CURSOR = {"sqlite": "rowid", "postgresql": "seq"}
 
 
 def since_iso(since: str) -> str:
@@ -44,8 +47,9 @@ def since_iso(since: str) -> str:
 
 
 def status_clause(status: str) -> tuple[str, list[Any]]:
-    """`2xx`..`5xx` or an exact status, as SQL. A class is `status / 100`, the expression
-    the status class index is built on, so that SQLite reads it newest first from there."""
+    """`2xx`..`5xx` or an exact status, as SQL. A class is `status / 100` (integer
+    division in both databases), the expression the status class index is built on, so
+    that the database reads it newest first from there."""
     s = status.strip().lower()
     if re.fullmatch(r"[1-5]xx", s):
         return "status / 100 = ?", [int(s[0])]
@@ -78,7 +82,8 @@ class LogFilter:
         if status:
             clause, values = status_clause(status)
             # With a proxy, its index decides: it holds the status (and the code), so
-            # SQLite filters there; a status index would read the table for the proxy.
+            # the database filters there; a status index would read the table for the
+            # proxy. (A unary plus keeps both SQLite and PostgreSQL off the status index.)
             parts.append(("+" + clause if proxy else clause, values))
         if code:
             parts.append(("proxy_code = ?", [code]))
@@ -91,7 +96,9 @@ class LogFilter:
 
 
 def decoded(row: dict[str, Any]) -> dict[str, Any]:
-    """A row with its JSON columns as documents (a value that is not JSON stays text)."""
+    """A row with its JSON columns as documents (a value that is not JSON stays text),
+    without PostgreSQL's `seq`: a row reads the same from either backend."""
+    row.pop("seq", None)
     for name in JSON_COLUMNS.intersection(row):
         value = row[name]
         if isinstance(value, str):
@@ -100,7 +107,7 @@ def decoded(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def logs(db: Database, where: LogFilter | None = None, limit: int = 50) -> list[dict[str, Any]]:
+def logs(session: Session, where: LogFilter | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """The newest `limit` matching rows, oldest first."""
     where = where or LogFilter()
     # The condition is built from constants; every value is a bound parameter. The
@@ -110,83 +117,78 @@ def logs(db: Database, where: LogFilter | None = None, limit: int = 50) -> list[
         f"select * from requests where {where.condition}"  # noqa: S608
         " order by started_at desc, id desc limit ?"
     )
-    rows = [decoded(dict(r)) for r in db.query(sql, [*where.params, limit])]
+    rows = [decoded(r) for r in session.query(sql, [*where.params, limit])]
     return rows[::-1]
-
-
-@contextmanager
-def read_snapshot(db: Database) -> Iterator[Database]:
-    """One read transaction: its queries see the same committed state of the log."""
-    db.execute("BEGIN")
-    try:
-        yield db
-    finally:
-        db.execute("COMMIT")
 
 
 class Follower:
     """Follows the log as rows are written, losing and repeating none.
 
-    The cursor is SQLite's rowid, not the time: the writer commits a flow's row when the
-    flow ends, in batches, so rows arrive slightly out of `started_at` order (a long
-    request after shorter ones that started later). One writer commits at a time, and
-    each new row takes the next rowid, so a committed rowid at or below the cursor is
-    never followed by another one there. The cursor remembers its row's id as well:
+    The cursor is the row's number in commit order (CURSOR), not the time: the writer
+    commits a flow's row when the flow ends, in batches, so rows arrive slightly out of
+    `started_at` order (a long request after shorter ones that started later). Writers
+    commit one at a time, each taking its row numbers under the same lock (SQLite's
+    write lock; on PostgreSQL the writer's COMMIT_ORDER advisory lock, held from the
+    insert to the commit), so a committed row number at or below the cursor is never
+    followed by another one there. On SQLite the cursor remembers its row's id as well:
     if that row is gone or moved (every row pruned, or `VACUUM` renumbering the table),
-    following resumes after that id instead."""
+    following resumes after that id instead. PostgreSQL's `seq` never moves."""
 
     BATCH = 1_000
 
-    def __init__(self, db: Database, where: LogFilter | None = None) -> None:
-        self.db = db
+    def __init__(self, session: Session, where: LogFilter | None = None) -> None:
+        self.session = session
         self.where = where or LogFilter()
-        self.position = 0  # the rowid up to which every row has been seen
-        self._anchor: str | None = None  # the id of the row at `position`
+        self.cursor = CURSOR[session.dialect]
+        self.position = 0  # the row number up to which every row has been seen
+        self._anchor: str | None = None  # the id of the row at `position` (SQLite)
 
     def start(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` matching rows, oldest first; later rows come from `poll`."""
-        with read_snapshot(self.db):
+        with self.session.snapshot():
             self._to_end()
-            return logs(self.db, self.where, limit)
+            return logs(self.session, self.where, limit)
 
     def poll(self) -> Iterator[list[dict[str, Any]]]:
         """Matching rows written since the last call, in the order they were written,
         in batches (a batch may be empty)."""
         self._find_anchor()
         end, end_id = self._end()
+        # SQLite: by rowid, never by an index the filter might suggest.
+        source = "requests not indexed" if self.session.dialect == "sqlite" else "requests"
+        sql = (
+            f"select {self.cursor} as cursor_, * from {source}"  # noqa: S608 (constants)
+            f" where {self.cursor} > ? and {self.cursor} <= ? and ({self.where.condition})"
+            f" order by {self.cursor} limit ?"
+        )
         while True:
-            sql = (
-                "select rowid as rowid_, * from requests not indexed"  # noqa: S608
-                f" where rowid > ? and rowid <= ? and ({self.where.condition})"
-                " order by rowid limit ?"
-            )
-            found = list(self.db.query(sql, [self.position, end, *self.where.params, self.BATCH]))
+            found = self.session.query(sql, [self.position, end, *self.where.params, self.BATCH])
             if len(found) < self.BATCH:
                 self.position, self._anchor = end, end_id
             else:
-                self.position, self._anchor = found[-1]["rowid_"], found[-1]["id"]
-            yield [decoded({k: v for k, v in r.items() if k != "rowid_"}) for r in found]
+                self.position, self._anchor = found[-1]["cursor_"], found[-1]["id"]
+            yield [decoded({k: v for k, v in r.items() if k != "cursor_"}) for r in found]
             if len(found) < self.BATCH:
                 return
 
     def _end(self) -> tuple[int, str | None]:
-        last = list(
-            self.db.query(
-                "select rowid, id from requests where rowid = (select max(rowid) from requests)"
-            )
+        c = self.cursor
+        last = self.session.query(
+            f"select {c} as cursor_, id from requests"  # noqa: S608 (constants)
+            f" where {c} = (select max({c}) from requests)"
         )
-        return (last[0]["rowid"], last[0]["id"]) if last else (0, None)
+        return (last[0]["cursor_"], last[0]["id"]) if last else (0, None)
 
     def _to_end(self) -> None:
         self.position, self._anchor = self._end()
 
     def _find_anchor(self) -> None:
-        if self._anchor is None:
+        if self._anchor is None or self.session.dialect != "sqlite":
             return
-        at = list(self.db.query("select id from requests where rowid = ?", [self.position]))
+        at = self.session.query("select id from requests where rowid = ?", [self.position])
         if at and at[0]["id"] == self._anchor:
             return
-        moved = list(self.db.query("select rowid from requests where id = ?", [self._anchor]))
+        moved = self.session.query("select rowid from requests where id = ?", [self._anchor])
         # Moved (VACUUM): resume after it. Gone (pruned with every row before it):
         # whatever remains was written after it.
         self.position = moved[0]["rowid"] if moved else 0
@@ -195,18 +197,20 @@ class Follower:
 # A latency in whole microseconds, rounded to 3 significant digits (at least 1 µs, at
 # most 1 s): the percentiles are taken over these values. Rounding never reorders two
 # latencies, so the result is the exact nearest-rank percentile, rounded the same way.
-_LATENCY_US = """case
-  when duration_ms < 1 then cast(duration_ms * 1000 + 0.5 as integer)
-  when duration_ms < 10 then cast(duration_ms * 100 + 0.5 as integer) * 10
-  when duration_ms < 100 then cast(duration_ms * 10 + 0.5 as integer) * 100
-  when duration_ms < 1000 then cast(duration_ms + 0.5 as integer) * 1000
-  when duration_ms < 10000 then cast(duration_ms / 10 + 0.5 as integer) * 10000
-  when duration_ms < 100000 then cast(duration_ms / 100 + 0.5 as integer) * 100000
-  else cast(duration_ms / 1000 + 0.5 as integer) * 1000000 end"""
-PERCENTILES = (50, 95, 99)
-_PERCENTILE_COLUMNS = ", ".join(
-    f"min(us) filter (where below * 100 >= total * {p}) / 1000.0 as p{p}_ms" for p in PERCENTILES
+# Below each bound (ms): the value to round to a whole number, and that number's unit
+# (µs); above the last, to the second.
+_ROUNDING = (
+    (1, "duration_ms * 1000", 1),
+    (10, "duration_ms * 100", 10),
+    (100, "duration_ms * 10", 100),
+    (1000, "duration_ms", 1000),
+    (10000, "duration_ms / 10", 10000),
+    (100000, "duration_ms / 100", 100000),
 )
+# The integer part of a positive double: SQLite's cast truncates, PostgreSQL's rounds
+# (so it truncates first). Both compute the same doubles, so the same figures.
+_WHOLE = {"sqlite": "cast({} as integer)", "postgresql": "cast(trunc({}) as bigint)"}
+PERCENTILES = (50, 95, 99)
 
 # The distinct proxy ids, one index seek each (the index starts with proxy_id).
 PROXY_IDS = """
@@ -218,55 +222,74 @@ with recursive ids(proxy_id) as (
 )
 select proxy_id from ids where proxy_id is not null
 """
-# Per proxy, from the per-proxy index alone (it holds every column read here).
-_VOLUME = f"""
+
+
+@cache
+def _stats_sql(dialect: str, of_a_proxy: bool) -> tuple[str, str]:
+    """`keyswap stats`' two statements for one proxy (or for the rows of none) since a
+    time, in this dialect: volume, and latency percentiles."""
+    whole = _WHOLE[dialect]
+    steps = " ".join(
+        f"when duration_ms < {bound} then {whole.format(value + ' + 0.5')} * {unit}"
+        for bound, value, unit in _ROUNDING
+    )
+    latency_us = f"case {steps} else {whole.format('duration_ms / 1000 + 0.5')} * 1000000 end"
+    # `proxy_id = ?`, never `proxy_id is ?`, which PostgreSQL cannot answer from an index
+    rows = f"{'proxy_id = ?' if of_a_proxy else 'proxy_id is null'} and started_at >= ?"
+    # From the per-proxy index alone (it holds every column read here). Sums are cast:
+    # PostgreSQL sums integers as numeric.
+    volume = f"""
 select count(*) as requests,
-  coalesce(sum(proxy_code = '{GRANTED}' and status < 400), 0) as ok,
-  coalesce(sum(proxy_code = '{PROXY_ERROR}' or status >= 500), 0) as errors,
-  coalesce(sum(proxy_code = '{DENIED}'), 0) as denied,
-  coalesce(sum(bytes_in), 0) as bytes_in,
-  coalesce(sum(bytes_out), 0) as bytes_out
-from requests where proxy_id is :proxy and started_at >= :since
-"""  # noqa: S608 (constants only)
-# Nearest rank: the smallest latency with at least p% of the forwarded requests at or
-# below it. SQLite sorts the distinct rounded latencies (a few thousand at most), not
-# the rows.
-_LATENCY = f"""
+  count(*) filter (where proxy_code = '{GRANTED}' and status < 400) as ok,
+  count(*) filter (where proxy_code = '{PROXY_ERROR}' or status >= 500) as errors,
+  count(*) filter (where proxy_code = '{DENIED}') as denied,
+  cast(coalesce(sum(bytes_in), 0) as bigint) as bytes_in,
+  cast(coalesce(sum(bytes_out), 0) as bigint) as bytes_out
+from requests where {rows}"""  # noqa: S608 (constants only)
+    # Nearest rank: the smallest latency with at least p% of the forwarded requests at
+    # or below it. The database sorts the distinct rounded latencies (a few thousand at
+    # most), not the rows.
+    percentiles = ", ".join(
+        f"cast(min(us) filter (where below * 100 >= total * {p}) as double precision) / 1000"
+        f" as p{p}_ms"
+        for p in PERCENTILES
+    )
+    latency = f"""
 with timed as (
-  select {_LATENCY_US} as us, count(*) as n from requests
-  where proxy_id is :proxy and started_at >= :since
-    and proxy_code = '{GRANTED}' and duration_ms is not null
+  select {latency_us} as us, count(*) as n from requests
+  where {rows} and proxy_code = '{GRANTED}' and duration_ms is not null
   group by us
 ), ranked as (
   select us, sum(n) over (order by us) as below, sum(n) over () as total from timed
 )
-select {_PERCENTILE_COLUMNS} from ranked
-"""  # noqa: S608 (constants only)
+select {percentiles} from ranked"""  # noqa: S608 (constants only)
+    return volume, latency
 
 
-def proxy_ids(db: Database) -> list[str | None]:
+def proxy_ids(session: Session) -> list[str | None]:
     """The proxies the log has rows of; None for rows of no proxy (first, if any)."""
-    ids: list[str | None] = [r["proxy_id"] for r in db.query(PROXY_IDS)]
-    if list(db.query("select 1 from requests where proxy_id is null limit 1")):
+    ids: list[str | None] = [r["proxy_id"] for r in session.query(PROXY_IDS)]
+    if session.query("select 1 as found from requests where proxy_id is null limit 1"):
         ids.insert(0, None)
     return ids
 
 
-def stats(db: Database, since: str | None = None) -> list[dict[str, Any]]:
+def stats(session: Session, since: str | None = None) -> list[dict[str, Any]]:
     """Per proxy (None: rows of no proxy): volume, success / error / denied, latency
     percentiles over forwarded requests (nearest rank, to 3 significant digits), bytes;
-    computed by SQLite."""
+    computed by the database, the same figures from either backend."""
     # "" sorts before every timestamp: no --since is the same query.
-    params: dict[str, Any] = {"since": since_iso(since) if since else ""}
+    start = since_iso(since) if since else ""
     out = []
-    with read_snapshot(db):
-        for proxy in proxy_ids(db):
-            params["proxy"] = proxy
-            (volume,) = db.query(_VOLUME, params)
+    with session.snapshot():
+        for proxy in proxy_ids(session):
+            volume_sql, latency_sql = _stats_sql(session.dialect, proxy is not None)
+            params = [start] if proxy is None else [proxy, start]
+            (volume,) = session.query(volume_sql, params)
             n = volume["requests"]
             if not n:
                 continue
-            (latency,) = db.query(_LATENCY, params)
+            (latency,) = session.query(latency_sql, params)
             out.append(
                 {
                     "proxy": proxy,
@@ -282,10 +305,10 @@ def stats(db: Database, since: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def request(db: Database, request_id: str) -> dict[str, Any] | None:
+def request(session: Session, request_id: str) -> dict[str, Any] | None:
     """One row by id, its JSON columns as documents."""
-    found = list(db.query("select * from requests where id = ?", [request_id]))
-    return decoded(dict(found[0])) if found else None
+    found = session.query("select * from requests where id = ?", [request_id])
+    return decoded(found[0]) if found else None
 
 
 def curl_argv(row: dict[str, Any], config: Config | None) -> list[str]:
@@ -317,7 +340,7 @@ def curl_command(row: dict[str, Any], config: Config | None) -> str:
 
 
 def audit(
-    db: Database, since: str | None = None, resource: str | None = None
+    session: Session, since: str | None = None, resource: str | None = None
 ) -> list[dict[str, Any]]:
     """Audit entries, oldest first, `detail` as a document."""
     parts: list[tuple[str, Any]] = []
@@ -327,4 +350,4 @@ def audit(
         parts.append(("resource = ?", resource))
     where = " and ".join(clause for clause, _ in parts) or "1 = 1"
     sql = f"select * from audit where {where} order by id"  # noqa: S608
-    return [decoded(dict(r)) for r in db.query(sql, [v for _, v in parts])]
+    return [decoded(r) for r in session.query(sql, [v for _, v in parts])]

@@ -1,9 +1,12 @@
 """The activity log's writer: one thread, a bounded queue, a transaction per batch.
 
 The event loop only appends to a deque (no lock: a `queue.Queue` costs the loop a lock
-and a notify per row); SQLite runs on this thread (not the default executor, which
-mitmproxy uses for DNS). When the queue is full a row is dropped and counted, never
-silently; `close()` writes everything still queued."""
+and a notify per row); the database is written on this thread (not the default
+executor, which mitmproxy uses for DNS), through the state backend. When the queue is
+full a row is dropped and counted, never silently; `close()` writes everything still
+queued. While the database is unavailable (a PostgreSQL restart or failover, an SQLite
+file locked too long) rows wait in the queue and the batch is tried again, with a
+growing pause, until it is written or the writer closes."""
 
 from __future__ import annotations
 
@@ -14,10 +17,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from keyswap.state.store import open_db
+from keyswap.state.backends import Backend, Session, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +27,6 @@ QUEUE_SIZE = 50_000
 # A row, or what makes it: the recorder hands over a flow's captured values and the row
 # is made here, off the event loop, a batch at a time.
 Row = dict[str, Any] | Callable[[], dict[str, Any]]
-# Tables keyed by name whose rows replace the previous one (state, not history).
-REPLACING = frozenset({"gateways"})
 BATCH_SIZE = 1_000
 # After the first row of a batch, wait this long for more. Each transaction costs the
 # event loop about two dozen GIL hand-overs (futex calls) and rewrites the same index
@@ -34,13 +34,25 @@ BATCH_SIZE = 1_000
 # a row is in the log within that quarter second.
 LINGER_S = 0.25
 PRUNE_EVERY_S = 3600.0
+# While the database is unavailable: the first pause before trying a batch again, and the
+# longest (it doubles in between); at shutdown, how long to keep trying.
+RETRY_S = (0.25, 5.0)
+RETRY_AT_SHUTDOWN_S = 5.0
+# Held (`Session.lock`) by every writer of `requests` from its insert to its commit, so
+# that writers commit one at a time in the order they take row numbers: on PostgreSQL a
+# row's `seq`, which `keyswap logs --follow` follows, is then its commit order, as
+# SQLite's rowid is (SQLite has one writer at a time anyway).
+COMMIT_ORDER = "keyswap.requests.commit-order"
 
 
 class Writer:
-    """Writes `requests` and `audit` rows to the state database on its own thread."""
+    """Writes `requests` and `audit` rows to the state database on its own thread. The
+    backend's schema must be current (keyswap.state.migrations.upgrade)."""
 
-    def __init__(self, path: Path, retention_days: int = 0, queue_size: int = QUEUE_SIZE) -> None:
-        self.path = path
+    def __init__(
+        self, backend: Backend, retention_days: int = 0, queue_size: int = QUEUE_SIZE
+    ) -> None:
+        self.backend = backend
         self.retention_days = retention_days
         self.queue_size = queue_size
         self._rows: deque[tuple[str, Row, asyncio.Future[None] | None]] = deque()
@@ -51,8 +63,10 @@ class Writer:
         self.failed = 0
         self._last_drop_log = 0.0
         self._next_prune = 0.0
+        self._retry_in = 0.0  # > 0 while the database is unavailable
+        self._give_up_at = float("inf")  # set by close()
+        self._gone: TransientError | None = None  # still unavailable then
         self._thread = threading.Thread(target=self._run, name="keyswap-writer", daemon=True)
-        open_db(path).close()  # create the schema now: errors surface at start
         self._thread.start()
 
     def add(self, table: str, row: Row, done: asyncio.Future[None] | None = None) -> None:
@@ -77,13 +91,14 @@ class Writer:
 
     def close(self, timeout: float = 30.0) -> None:
         """Write every queued row, then stop the thread."""
+        self._give_up_at = time.monotonic() + RETRY_AT_SHUTDOWN_S
         self._closing.set()
         self._wake.set()
         self._thread.join(timeout)
 
     def report(self) -> dict[str, Any]:
         return {
-            "db": str(self.path),
+            "db": self.backend.shown,
             "queue_depth": self.depth,
             "rows_written": self.written,
             "rows_dropped": self.dropped,
@@ -91,7 +106,6 @@ class Writer:
         }
 
     def _run(self) -> None:
-        db = open_db(self.path)
         while True:
             self._wake.wait()
             self._wake.clear()  # a row added from now on sets it again
@@ -99,83 +113,123 @@ class Writer:
             self._closing.wait(LINGER_S)
             while self._rows:
                 batch = [self._rows.popleft() for _ in range(min(BATCH_SIZE, len(self._rows)))]
-                self._write(db, batch)
-            self._prune(db)
+                if not self._write(batch):
+                    # Unavailable: the batch goes back to the front, in order, and waits.
+                    self._rows.extendleft(reversed(batch))
+                    self._wake.set()
+                    if self._closing.is_set():
+                        time.sleep(self._retry_in)
+                    else:
+                        self._closing.wait(self._retry_in)  # close() cuts it short
+                    break
+            self._prune()
             if self._closing.is_set() and not self._rows:
                 break
-        db.close()
 
-    def _write(self, db: Any, batch: list[tuple[str, Row, Any]]) -> None:
+    def _write(self, batch: list[tuple[str, Row, Any]]) -> bool:
+        """Write a batch (a bad row costs only itself); False, and nothing written, when
+        the database is unavailable and the writer is not closing."""
         errors: dict[int, Exception] = {}
         made: list[tuple[int, str, dict[str, Any]]] = []
         for i, (table, row, _) in enumerate(batch):
+            if not callable(row):
+                made.append((i, table, row))
+                continue
             try:
-                made.append((i, table, row() if callable(row) else row))
+                made.append((i, table, row()))
             except Exception as e:
                 errors[i] = e
                 logger.exception("keyswap: could not make a %s row", table)
+            # Making a row holds the GIL for tens of microseconds: hand it to the event
+            # loop between rows (when it waits for it), so that a batch never holds up
+            # a request for the whole batch.
+            time.sleep(0)
         tables: dict[str, list[dict[str, Any]]] = {}
         for _, table, row in made:
             tables.setdefault(table, []).append(row)
         try:
-            with db.atomic():
-                for table, rows in tables.items():
-                    insert(db, table, rows)
+            if self._gone is not None:
+                raise self._gone
+            with self.backend.session() as session:
+                commit(session, tables)
+        except TransientError as e:
+            if self._gone is None and time.monotonic() < self._give_up_at:
+                self._unavailable(e)
+                return False
+            # Still unavailable at shutdown: what is queued is lost, said and counted.
+            if self._gone is None:
+                logger.error("keyswap: the state database is unavailable at shutdown: %s", e)
+            self._gone = e
+            errors.update((i, e) for i, _, _ in made)
         except Exception:
             # One bad row must not cost the others theirs: write them one by one.
             logger.exception(
                 "keyswap: a batch of %d rows failed; writing them one by one", len(made)
             )
-            for i, table, row in made:
-                try:
-                    with db.atomic():
-                        insert(db, table, [row])
-                except Exception as e:
-                    errors[i] = e
-                    logger.error(
-                        "keyswap: could not write a %s row (id %s): %s",
-                        table,
-                        row.get("id"),
-                        type(e).__name__,
-                    )
+            self._one_by_one(made, errors)
+        if self._retry_in:
+            logger.info("keyswap: the state database is available again")
+            self._retry_in = 0.0
         self.failed += len(errors)
         self.written += len(batch) - len(errors)
         for i, (_, _, done) in enumerate(batch):
             if done is not None:
                 done.get_loop().call_soon_threadsafe(_resolve, done, errors.get(i))
+        return True
 
-    def _prune(self, db: Any) -> None:
+    def _one_by_one(
+        self, made: list[tuple[int, str, dict[str, Any]]], errors: dict[int, Exception]
+    ) -> None:
+        left = list(made)
+        try:
+            # A session of its own: the batch may have failed with its connection.
+            with self.backend.session() as session:
+                while left:
+                    i, table, row = left[0]
+                    try:
+                        commit(session, {table: [row]})
+                    except TransientError:
+                        raise
+                    except Exception as e:
+                        errors[i] = e
+                        logger.error(
+                            "keyswap: could not write a %s row (id %s): %s",
+                            table,
+                            row.get("id"),
+                            type(e).__name__,
+                        )
+                    left.pop(0)
+        except TransientError as e:  # the database went away meanwhile
+            errors.update((i, e) for i, _, _ in left)
+            logger.error("keyswap: %d activity log rows lost: %s", len(left), e)
+
+    def _unavailable(self, error: TransientError) -> None:
+        if not self._retry_in:  # said once per outage, not every try
+            logger.warning("keyswap: the state database is unavailable; rows wait: %s", error)
+        first, longest = RETRY_S
+        self._retry_in = min(longest, self._retry_in * 2) if self._retry_in else first
+
+    def _prune(self) -> None:
         if not self.retention_days or time.monotonic() < self._next_prune:
             return
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
         cutoff = datetime.now(UTC) - timedelta(days=self.retention_days)
         stamp = cutoff.strftime("%Y-%m-%dT%H:%M:%S.000Z")
         try:
-            with db.atomic():
-                db.execute("DELETE FROM requests WHERE started_at < ?", [stamp])
+            with self.backend.session() as session:
+                session.execute("delete from requests where started_at < ?", [stamp])
         except Exception:
             logger.exception("keyswap: pruning the activity log failed")
 
 
-# Rows per INSERT statement: 32 rows of the widest table stay under SQLite's oldest
-# limit of 999 bound parameters.
-ROWS_PER_STATEMENT = 32
-
-
-def insert(db: Any, table: str, rows: list[dict[str, Any]]) -> None:
-    """Multi-row INSERT statements, 32 rows each. Python's sqlite3 releases the GIL
-    around every statement step, and `executemany` steps once per row: under load each
-    re-acquire waits for the busy event loop to hand the GIL back, a context switch
-    pair per row. One step per 32 rows makes that one pair per 32 rows."""
-    columns = sorted({c for row in rows for c in row})
-    verb = "insert or replace" if table in REPLACING else "insert"
-    names = ", ".join(f'"{c}"' for c in columns)
-    marks = f"({', '.join('?' * len(columns))})"
-    for start in range(0, len(rows), ROWS_PER_STATEMENT):
-        chunk = rows[start : start + ROWS_PER_STATEMENT]
-        values = ", ".join([marks] * len(chunk))
-        sql = f'{verb} into "{table}" ({names}) values {values}'  # table and columns are ours
-        db.conn.execute(sql, [row.get(c) for row in chunk for c in columns])
+def commit(session: Session, tables: dict[str, list[dict[str, Any]]]) -> None:
+    """Rows of each table, in one transaction, in multi-row INSERT statements
+    (`Session.insert`); `requests` rows in commit order (COMMIT_ORDER)."""
+    with session.transaction():
+        if "requests" in tables:
+            session.lock(COMMIT_ORDER)
+        for table, rows in tables.items():
+            session.insert(table, rows)
 
 
 def _resolve(done: asyncio.Future[None], error: Exception | None) -> None:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from mitmproxy import http
@@ -23,6 +24,7 @@ def test_a_probe_is_answered_and_counted_as_served() -> None:
         assert flow.response is not None and flow.response.status_code == 200
         report = json.loads(flow.response.content or b"")
         assert report["probes_served"] == n  # this probe included
+        assert report["pid"] == os.getpid()  # which worker answered, when several share a port
         assert report["activity_log"] == {"rows_written": 3}
         assert flow.metadata[PROBE] is True  # the recorder writes no row for it
         assert flow.response.headers[problem.CODE_HEADER] == problem.GRANTED
@@ -65,3 +67,22 @@ def test_only_reserved_paths_are_health_s_business() -> None:
     del flow.metadata[problem.RESERVED]  # routed to a proxy, or refused before
     health.requestheaders(flow)
     assert flow.response is None and health.probes_served == 0
+
+
+@pytest.mark.parametrize(
+    ("reachable", "status", "said"), [(True, 200, "ok"), (False, 503, "backend-unreachable")]
+)
+def test_an_unreachable_state_database_makes_the_gateway_unhealthy(
+    reachable: bool, status: int, said: str
+) -> None:
+    backend = {
+        "kind": "postgresql",
+        "reachable": reachable,
+        "latency_ms": 1.5 if reachable else None,
+    }
+    health = Health(Settings(), {"backend": lambda: backend})
+    flow = probe()
+    health.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == status
+    report = json.loads(flow.response.content or b"")
+    assert report["status"] == said and report["backend"] == backend

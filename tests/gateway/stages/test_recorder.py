@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 import yaml
 from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow
 from mitmproxy.tools.web.app import flow_to_json
 
@@ -15,9 +16,10 @@ from keyswap.gateway.settings import Settings
 from keyswap.gateway.stages.health import Health
 from keyswap.gateway.stages.recorder import Recorder, _preview, annotate
 from keyswap.gateway.stages.routing import Router
-from keyswap.state.store import open_db
+from keyswap.state.backends import open_backend
 from keyswap.state.writer import Writer
 from tests.support import ROOT
+from tests.support.activity import sqlite_log
 
 CONFIG = Config.model_validate(
     {"credentials": {"b": {"type": "bearer", "token": "bearer-secret-3"}}}
@@ -44,6 +46,7 @@ class Rows:
 def recorder(live_view: bool = False) -> tuple[Recorder, Rows]:
     rec, rows = Recorder(Settings()), Rows()
     rec.writer = rows  # type: ignore[assignment]
+    rec.gateway_id = "gw-1:4242:abcdef"
     rec.live_view = live_view
     return rec, rows
 
@@ -52,6 +55,7 @@ def at_gateway(path: bytes = b"/nothing", **metadata: object) -> http.HTTPFlow:
     """A flow as reverse mode hands it to the stages: the placeholder host, also in Host."""
     flow = tflow.tflow(client_conn=tflow.tclient_conn())
     flow.client_conn.sockname = ("127.0.0.1", 8080)
+    flow.client_conn.proxy_mode = ProxyMode.parse("reverse:http://unused.invalid@8080")
     flow.request = http.Request.make("GET", "http://unused.invalid" + path.decode())
     flow.request.data.path = path
     flow.metadata.update({problem.REQUEST_ID: "r1", **metadata})
@@ -125,6 +129,8 @@ def test_a_flow_gets_one_row_however_often_it_ends() -> None:
     rec.error(flow)
     assert len(rows.rows) == 1
     assert flow.comment == "- · proxy-access-denied · no proxy"
+    # which listener mode, which gateway process (the registry's id)
+    assert (rows.rows[0]["mode"], rows.rows[0]["gateway"]) == ("reverse", "gw-1:4242:abcdef")
 
 
 def test_a_replayed_flow_is_a_new_row() -> None:
@@ -153,7 +159,7 @@ def test_datasette_canned_queries_run_on_the_schema(tmp_path: Path) -> None:
     metadata = yaml.safe_load((ROOT / "config" / "datasette.yaml").read_text())
     queries = metadata["databases"]["keyswap"]["queries"]
     assert {"errors_last_hour", "slowest_requests", "volume_per_proxy_per_hour"} <= set(queries)
-    db = open_db(tmp_path / "keyswap.db")
+    db = sqlite_log(tmp_path / "keyswap.db")
     try:
         for query in queries.values():
             list(db.query(query["sql"]))
@@ -165,7 +171,8 @@ def test_the_shutdown_line_says_what_was_written_in_words(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     rec = Recorder(Settings())
-    rec.writer = Writer(tmp_path / "k.db")
+    rec.backend = open_backend(tmp_path / "k.db")
+    rec.writer = Writer(rec.backend)
     with caplog.at_level("INFO"):
         rec.done()
     line = next(r.getMessage() for r in caplog.records if "activity log closed" in r.getMessage())

@@ -8,6 +8,7 @@ refusal: someone is knocking on a reserved path."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -46,9 +47,17 @@ class Health:
             problem.deny(flow, 405, "method", message, {"allow": "GET, HEAD"})
             return
         self.probes_served += 1
-        body = json.dumps(self.report(), indent=2).encode()
+        report = self.report()
+        # A gateway that cannot reach its state database still forwards requests (their
+        # rows wait in the queue), but it is not healthy: a balancer should prefer another.
+        healthy = report.get("backend", {}).get("reachable", True)
+        if not healthy:
+            report["status"] = "backend-unreachable"
+        body = json.dumps(report, indent=2).encode()
         flow.response = http.Response.make(
-            200, body, {"content-type": "application/json", "cache-control": "no-store"}
+            200 if healthy else 503,
+            body,
+            {"content-type": "application/json", "cache-control": "no-store"},
         )
         flow.metadata[problem.ANSWERED] = True
         flow.metadata[PROBE] = True
@@ -58,6 +67,7 @@ class Health:
     def report(self) -> dict[str, Any]:
         runtime = self.settings.runtime
         report: dict[str, Any] = {"status": "ok", "version": __version__}
+        report["pid"] = os.getpid()  # which process answered, when several share the port
         report["uptime_s"] = round(time.time() - self.started, 1)
         report["probes_served"] = self.probes_served  # this one included
         if runtime.loaded is not None:

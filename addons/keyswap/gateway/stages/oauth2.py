@@ -10,9 +10,13 @@ errors stop refreshing until the config changes, anything else waits `RETRY_AFTE
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import os
+import secrets
+import socket
 import ssl
 import time
 from collections.abc import Awaitable
@@ -24,6 +28,7 @@ from mitmproxy import http
 from keyswap.config.model import BasicProxyAuth, Config, OAuth2Credential, Target
 from keyswap.gateway import problem, wire
 from keyswap.net.urls import origin_of
+from keyswap.state.backends import StateError
 from keyswap.state.oauth2_tokens import TokenState, TokenStore
 from keyswap.state.store import iso, new_request_id, now_iso
 
@@ -34,6 +39,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 30.0
+# A refresh holds its credential's lease for the token request's timeout and this margin;
+# a gateway waiting for another's refresh looks at the stored state this often.
+LEASE_MARGIN_S = 5.0
+LEASE_POLL_S = 0.05
+DEFAULT_TIMEOUT_S = 30.0
 TERMINAL_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
 OAUTH2 = "keyswap.oauth2"
 RETRY = "keyswap.oauth2_retry"
@@ -129,6 +139,8 @@ class OAuth2:
         self.states: dict[str, TokenState] = {}
         self._used: dict[str, str] = {}  # flow id -> the access token it was sent with
         self.store: TokenStore | None = None
+        # Who holds a credential's refresh lease: unique per process and node.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.issued: frozenset[str] = frozenset()  # the tokens held now, for masking
 
     # --- lifecycle ------------------------------------------------------------------
@@ -282,7 +294,7 @@ class OAuth2:
         async with state.lock:
             if self._fresh(state, credential):
                 return state.access_token
-            return await self._refresh(name, credential, state, cause)
+            return await self._obtain(name, credential, state, cause, None)
 
     async def refreshed_after(
         self, name: str, credential: OAuth2Credential, stale: str, cause: str
@@ -290,22 +302,94 @@ class OAuth2:
         """A token other than `stale`: the one a concurrent refresh got, or a new one."""
         state = self.states.setdefault(name, TokenState())
         async with state.lock:
-            if (
-                state.access_token
-                and state.access_token != stale
-                and self._fresh(state, credential)
-            ):
+            if self._usable(state, credential, stale):
                 return state.access_token
-            return await self._refresh(name, credential, state, cause)
+            return await self._obtain(name, credential, state, cause, stale)
 
     def _fresh(self, state: TokenState, credential: OAuth2Credential) -> bool:
         return (
             bool(state.access_token) and time.time() < state.expires_at - credential.refresh_skew_s
         )
 
-    async def _refresh(
-        self, name: str, credential: OAuth2Credential, state: TokenState, cause: str
+    def _usable(self, state: TokenState, credential: OAuth2Credential, stale: str | None) -> bool:
+        return self._fresh(state, credential) and state.access_token != stale
+
+    async def _obtain(
+        self,
+        name: str,
+        credential: OAuth2Credential,
+        state: TokenState,
+        cause: str,
+        stale: str | None,
     ) -> str | None:
+        """A token for every process sharing the state database, with one refresh at a
+        time among them: the newest stored token when it is usable (another process got
+        it), else a refresh by whoever holds the credential's lease; the others wait for
+        its result and use it. Without the database (it cannot be reached) no refresh is
+        made: a refresh it could not record would spend the refresh token for nobody."""
+        if self.store is None:
+            return await self._refresh(name, credential, state, cause, None)
+        lease_s = self._lease_s(credential)
+        deadline = time.monotonic() + 2 * lease_s
+        try:
+            while True:
+                stored = await self.store.read(name, credential)
+                self._adopt(state, stored)
+                if self._usable(state, credential, stale):
+                    return state.access_token
+                if self._holding_back(state, credential):
+                    return None
+                lease = await self.store.take_lease(name, credential, self.owner, lease_s)
+                if lease is not None:
+                    self._adopt(state, lease)
+                    if self._usable(state, credential, stale):
+                        await self.store.release(name, self.owner)
+                        return state.access_token
+                    return await self._refresh(name, credential, state, cause, lease.version)
+                if time.monotonic() > deadline:
+                    raise StateError("another gateway holds the refresh and does not finish")
+                await asyncio.sleep(LEASE_POLL_S)  # another process is refreshing
+        except StateError as e:
+            state.error, state.error_at = "token state unavailable", time.time()
+            logger.error("keyswap: oauth2 credential '%s': no refresh: %s", name, e)
+            return None
+
+    def _lease_s(self, credential: OAuth2Credential) -> float:
+        """How long a refresh may hold the credential: the token request's timeout, and
+        a margin for committing its result."""
+        config = self.settings.runtime.config
+        name = next((n for n, c in config.credentials.items() if c is credential), None)
+        target = next((t for t in config.targets.values() if t.credential == name), None)
+        return (target.timeout_s if target else DEFAULT_TIMEOUT_S) + LEASE_MARGIN_S
+
+    def _adopt(self, state: TokenState, stored: TokenState | None) -> None:
+        """Take what the database holds when it is newer than what this process has."""
+        if stored is not None and stored.version > state.version:
+            state.adopt(stored)
+            self._note_issued()
+
+    def _holding_back(self, state: TokenState, credential: OAuth2Credential) -> bool:
+        """Whether refreshing now is pointless: the credential's refresh token was
+        refused (until the config gives a new one), or the token endpoint failed a moment
+        ago (it is not hammered)."""
+        config_refresh = (
+            credential.refresh_token.get_secret_value() if credential.refresh_token else None
+        )
+        if state.config_refresh != config_refresh:
+            return False  # the config has a new refresh token: start over from it
+        return state.terminal or bool(state.error and time.time() - state.error_at < RETRY_AFTER_S)
+
+    async def _refresh(
+        self,
+        name: str,
+        credential: OAuth2Credential,
+        state: TokenState,
+        cause: str,
+        version: int | None,
+    ) -> str | None:
+        """Call the token endpoint (holding the lease on `version` of the stored state,
+        when there is a database) and commit what it answered, compare-and-swap on that
+        version: a refresh that stalled past its lease cannot overwrite a newer token."""
         config_refresh = (
             credential.refresh_token.get_secret_value() if credential.refresh_token else None
         )
@@ -313,38 +397,84 @@ class OAuth2:
             # The config has a new refresh token: start over from it.
             state.refresh_token, state.config_refresh = None, config_refresh
             state.error, state.terminal = None, False
-        if state.terminal or (state.error and time.time() - state.error_at < RETRY_AFTER_S):
+        if version is None and self._holding_back(state, credential):
             return None
         started = time.time()
         status: int | None = None
+        result = TokenState(
+            refresh_token=state.refresh_token,
+            config_refresh=config_refresh,
+            refreshed_at=state.refreshed_at,
+        )
         try:
             token, lifetime, rotated, status = await self._call(
                 name, credential, state.refresh_token or config_refresh
             )
         except TokenError as e:
             status = e.status
-            state.error, state.error_at = e.code, time.time()
-            state.terminal = e.code in TERMINAL_ERRORS
+            result.error, result.error_at = e.code, time.time()
+            result.terminal = e.code in TERMINAL_ERRORS
+            result.access_token, result.expires_at = state.access_token, state.expires_at
+        else:
+            result.access_token, result.expires_at = token, time.time() + lifetime
+            result.refresh_token = rotated or state.refresh_token
+            result.refreshed_at = now_iso()
+        # Committed before use: a restart, or another gateway, must never present a
+        # spent refresh token.
+        kept = await self._commit(name, credential, state, result, version)
+        self._log_refresh(name, credential, cause, started, status, result.error)
+        if kept is not result:
+            logger.info(
+                "keyswap: oauth2 credential '%s': another gateway refreshed meanwhile; using its"
+                " token",
+                name,
+            )
+        elif result.error:
             logger.error(
                 "keyswap: oauth2 credential '%s': token endpoint answered %s%s",
                 name,
-                e.code,
+                result.error,
                 " (terminal: fix the credential in the config)"
-                if state.terminal
+                if result.terminal
                 else f" (retrying after {RETRY_AFTER_S:.0f} s)",
             )
-            await self._persist(name, credential, state)
-            self._log_refresh(name, credential, cause, started, status, e.code)
-            return None
-        state.access_token, state.expires_at = token, time.time() + lifetime
-        if rotated:
-            state.refresh_token = rotated
+        return state.access_token if self._usable(state, credential, None) else None
+
+    async def _commit(
+        self,
+        name: str,
+        credential: OAuth2Credential,
+        state: TokenState,
+        result: TokenState,
+        version: int | None,
+    ) -> TokenState:
+        """Make `result` this process's state and the stored one; what is kept is
+        `result`, or the newer token another gateway stored meanwhile."""
+        if self.store is None or version is None:
+            state.adopt(result, version=state.version)
+            self._note_issued()
+            return result
+        try:
+            committed = await self.store.commit(name, credential, result, version)
+            if committed is None:
+                # The lease ran out and another gateway stored a state meanwhile. A token
+                # of theirs wins; ours wins over their error (the refresh token they were
+                # refused is the one this refresh spent).
+                stored = await self.store.read(name, credential)
+                if stored is None or (stored.access_token and not stored.error) or result.error:
+                    self._adopt(state, stored)
+                    return stored or result
+                committed = await self.store.commit(name, credential, result, stored.version)
+                if committed is None:
+                    raise StateError("the stored token state changed twice during one refresh")
+            state.adopt(result, version=committed)
+        except StateError as e:
+            # The endpoint has already spent the old refresh token: the new one is used
+            # here, but a restart or another gateway would present a spent one.
+            logger.error("keyswap: oauth2 credential '%s': token state NOT saved: %s", name, e)
+            state.adopt(result, version=state.version)
         self._note_issued()
-        state.error, state.terminal, state.refreshed_at = None, False, now_iso()
-        # Persisted before use: a restart must never reuse a spent refresh token.
-        await self._persist(name, credential, state)
-        self._log_refresh(name, credential, cause, started, status, None)
-        return token
+        return result
 
     async def _call(
         self, name: str, credential: OAuth2Credential, refresh: str | None
@@ -359,16 +489,6 @@ class OAuth2:
             raise TokenError(f"unreachable: {type(e).__name__}") from None
         token, lifetime, rotated = parse_token_response(answer.status_code, answer.content)
         return token, lifetime, rotated, answer.status_code
-
-    async def _persist(self, name: str, credential: OAuth2Credential, state: TokenState) -> None:
-        if self.store is None:
-            return
-        try:
-            await self.store.save(name, credential, state)
-        except Exception:
-            # The token is still used (the endpoint has already spent the old one), but
-            # a restart would present a spent refresh token: say so loudly.
-            logger.exception("keyswap: oauth2 credential '%s': token state NOT saved", name)
 
     def _log_refresh(
         self,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Awaitable
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -12,7 +12,9 @@ from mitmproxy import http
 from keyswap.config.model import Proxy, Rule
 from keyswap.config.tokens import without_tokens
 from keyswap.gateway import problem
-from keyswap.gateway.stages.rewrite import Refused, resolve
+from keyswap.gateway.rate_limit import RateLimits, Unavailable, retry_after
+from keyswap.gateway.stages.rewrite import Destination, Refused, resolve
+from keyswap.state.rate_limits import Rate
 
 if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
@@ -72,17 +74,27 @@ class Policy:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.rate_limits: RateLimits | None = None
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def running(self) -> None:
+        if self.settings.source is not None:
+            self.rate_limits = RateLimits(self.settings.db_path())
+
+    def done(self) -> None:
+        if self.rate_limits is not None:
+            self.rate_limits.close()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # Synchronous unless the proxy has a rate limit: its step is the only wait here.
         if flow.response or flow.error or not flow.live or problem.PROXY not in flow.metadata:
-            return
+            return None
         runtime = self.settings.runtime
         proxy_id = flow.metadata[problem.PROXY]
         config = runtime.config
         proxy: Proxy = config.proxies[proxy_id]
         if not proxy.active:
             problem.deny(flow, 403, "inactive", f"proxy '{proxy_id}' is disabled")
-            return
+            return None
         if proxy_id not in runtime.served:
             problem.deny(
                 flow,
@@ -91,13 +103,13 @@ class Policy:
                 f"proxy '{proxy_id}' is not served in environment "
                 f"'{config.environment}'" + _region(config.region),
             )
-            return
+            return None
         method = flow.request.method.upper()
         allowed = proxy.methods
         if method not in allowed if allowed is not None else method in UNSAFE_METHODS:
             allow = ", ".join(allowed if allowed is not None else DEFAULT_ALLOW)
             problem.deny(flow, 405, "method", f"method {method} is not allowed", {"allow": allow})
-            return
+            return None
         # As sent (the rewrite comes later), without any parameter holding a proxy
         # token: the destination, and so the target and the flow, never see one.
         query = without_tokens(flow.request.path.partition("?")[2])
@@ -106,31 +118,60 @@ class Policy:
             dest = resolve(target, flow.metadata[problem.REST], query)
         except Refused as e:
             problem.deny(flow, 403, "host", str(e))
-            return
+            return None
         rule = rule_verdict(proxy.rules, method, rule_path(dest.relative))
         if rule is not None and rule.action == "deny":
             problem.deny(flow, 403, "rule", "a rule of this proxy denies the request")
-            return
-        limiter = runtime.limiters.get(proxy_id)
-        if limiter is not None:
-            wait = limiter.take()
-            if wait:
-                retry = str(max(1, math.ceil(wait)))
+            return None
+        limit = runtime.rate_limits.get(proxy_id)
+        if limit is not None:
+            return self._rate_limited(flow, proxy, dest, *limit)
+        grant(flow, proxy, dest)
+        return None
+
+    async def _rate_limited(
+        self, flow: http.HTTPFlow, proxy: Proxy, dest: Destination, key: str, rate: Rate
+    ) -> None:
+        """The last check: a place under the proxy's rate limit, shared by every gateway
+        on the state database. When the database cannot say, the request is refused."""
+        try:
+            if self.rate_limits is None:
+                raise Unavailable("keyswap is not running")
+            wait = await self.rate_limits.take(key, rate)
+        except Unavailable as e:
+            if not flow.response and flow.live:
                 problem.deny(
                     flow,
-                    429,
-                    "rate-limit",
-                    f"rate limit {proxy.rate_limit} exceeded",
-                    {"retry-after": retry},
+                    503,
+                    "rate-limit-unavailable",
+                    "the proxy's rate limit cannot be checked now; try again shortly",
+                    {"retry-after": "1"},
                 )
-                return
-        flow.metadata[problem.TARGET] = proxy.target
-        flow.metadata[problem.DESTINATION] = {
-            "scheme": dest.scheme,
-            "host": dest.host,
-            "port": dest.port,
-            "path": dest.path,
-        }
+                flow.metadata[problem.ERROR] = f"rate limit unavailable: {e}"
+            return
+        if flow.response or not flow.live:
+            return
+        if wait:
+            problem.deny(
+                flow,
+                429,
+                "rate-limit",
+                f"rate limit {proxy.rate_limit} exceeded",
+                {"retry-after": retry_after(wait)},
+            )
+            return
+        grant(flow, proxy, dest)
+
+
+def grant(flow: http.HTTPFlow, proxy: Proxy, dest: Destination) -> None:
+    """Every check passed: the flow goes to the proxy's target, at `dest`."""
+    flow.metadata[problem.TARGET] = proxy.target
+    flow.metadata[problem.DESTINATION] = {
+        "scheme": dest.scheme,
+        "host": dest.host,
+        "port": dest.port,
+        "path": dest.path,
+    }
 
 
 def _region(region: str | None) -> str:

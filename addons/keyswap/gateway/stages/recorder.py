@@ -6,18 +6,22 @@ and body previews have every configured secret value masked.
 
 Being last, it also says on each flow what keyswap decided, for mitmweb: the comment
 (`proxy · code · message`, the flow list's comment column) and a marker on refused and
-failed flows; and a flow that went to no target shows the gateway's own URL."""
+failed flows; and a flow that went to no target shows the gateway's own URL.
+
+It opens the state backend at start (upgrading its schema: a database of a newer
+version stops the gateway), and registers the gateway in it (keyswap.state.registry)
+until a clean shutdown."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy.mode_specs import RegularMode
 
 from keyswap.config.loader import LoadedConfig
 from keyswap.config.secrets import Redaction
@@ -28,6 +32,9 @@ from keyswap.gateway.stages.upstream import UPSTREAM
 from keyswap.net import fields
 from keyswap.net.text import shown
 from keyswap.net.urls import authority, origin_of
+from keyswap.state import migrations
+from keyswap.state.backends import Backend, StateError, open_backend
+from keyswap.state.registry import Registration, address
 from keyswap.state.store import audit_row, iso, new_request_id
 from keyswap.state.writer import Writer
 
@@ -45,7 +52,10 @@ class Recorder:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.backend: Backend | None = None
         self.writer: Writer | None = None
+        self.registration: Registration | None = None
+        self.gateway_id: str | None = None  # the registry's id, on every row
         self._redaction = Redaction(None)
         self._redaction_for: tuple[LoadedConfig | None, tuple[frozenset[str], ...]] = (None, ())
         # Secrets issued at run time (OAuth2 tokens), masked like the config's.
@@ -77,12 +87,36 @@ class Recorder:
         self.live_view = ctx.master.addons.get("view") is not None
         if self.settings.source is None:
             return
-        self.writer = Writer(self.settings.db_path(), ctx.options.keyswap_log_retention_days)
-        self.settings.on_reload.append(self.audit_reload)
-        logger.info("keyswap: activity log in %s", self.writer.path)
-        self.writer.add("gateways", self.announcement())
         self._previous_factory = logging.getLogRecordFactory()
         logging.setLogRecordFactory(self._masked_record)
+        try:
+            backend = self.backend = open_backend(self.settings.db_path())
+            self.secret_sources.append(lambda: backend.secrets)
+            before, after = migrations.upgrade(backend)
+            registration = Registration(
+                backend, self.settings.source.path, listeners(), self._served_digest
+            )
+            registration.start()
+        except StateError as e:
+            # An error logged at start-up makes mitmproxy exit 1.
+            logger.error("keyswap: the state database cannot be used: %s", e)
+            return
+        if before != after:
+            logger.info("keyswap: upgraded %s from schema %d to %d", backend.shown, before, after)
+        self.registration, self.gateway_id = registration, registration.id
+        self.writer = Writer(backend, ctx.options.keyswap_log_retention_days)
+        self.settings.on_reload.append(self.audit_reload)
+        logger.info("keyswap: activity log in %s, as gateway %s", backend.shown, registration.id)
+
+    def backend_report(self) -> dict[str, Any]:
+        """The state database's health, for /_keyswap/health."""
+        if self.registration is None:
+            return {"reachable": False, "error": "the state database is not open"}
+        return self.registration.report()
+
+    def _served_digest(self) -> str | None:
+        loaded = self.settings.runtime.loaded
+        return loaded.digest if loaded else None
 
     def _masked_record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         """Every log record, keyswap's or mitmproxy's (which quotes raw client bytes, such
@@ -97,26 +131,9 @@ class Recorder:
             record.msg, record.args = clean, None
         return record
 
-    def announcement(self) -> dict[str, Any]:
-        """Where this gateway serves which config, so the command line can wait for it."""
-        proxyserver: Any = ctx.master.addons.get("proxyserver")
-        addresses = proxyserver.listen_addrs() if proxyserver else []
-        url = None
-        if addresses:
-            host, port = addresses[0][:2]
-            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104
-            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        assert self.settings.source is not None
-        return {
-            "pid": os.getpid(),
-            "config": str(self.settings.source.path.resolve()),
-            "url": url,
-            "started_at": iso(time.time()),
-        }
-
     def done(self) -> None:
-        if logging.getLogRecordFactory() == self._masked_record:
-            logging.setLogRecordFactory(self._previous_factory)
+        if self.registration is not None:
+            self.registration.stop()
         if self.writer is not None:
             self.writer.close()
             report = self.writer.report()
@@ -127,11 +144,17 @@ class Recorder:
                 report["write_failures"],
                 report["db"],
             )
+        if self.backend is not None:
+            self.backend.close()
+        if logging.getLogRecordFactory() == self._masked_record:
+            logging.setLogRecordFactory(self._previous_factory)
 
     def report(self) -> dict[str, Any]:
         return self.writer.report() if self.writer else {}
 
     def audit_reload(self, loaded: LoadedConfig | None, errors: list[str]) -> None:
+        if self.registration is not None:
+            self.registration.refresh()  # the registry says at once what it serves now
         if self.writer is None:
             return
         path = str(self.settings.source.path if self.settings.source else "")
@@ -217,6 +240,8 @@ class Recorder:
             response_headers=fields.snapshot(response.headers) if response else None,
             response_body=response.raw_content if response else None,
             body_cap=self.body_cap,
+            mode="forward" if isinstance(flow.client_conn.proxy_mode, RegularMode) else "reverse",
+            gateway=self.gateway_id,
         )
 
     def row(self, flow: http.HTTPFlow) -> dict[str, Any]:
@@ -246,6 +271,8 @@ class Captured(NamedTuple):
     response_headers: http.Headers | None
     response_body: bytes | None
     body_cap: int
+    mode: str  # the listener's: reverse, or forward (regular, intercepting)
+    gateway: str | None  # the registry id of the process that served it
 
     def row(self) -> dict[str, Any]:
         """The `requests` row: every secret masked, every text value through the one
@@ -284,6 +311,8 @@ class Captured(NamedTuple):
             else None,
             "attempts": meta.get(problem.ATTEMPTS, 1 if destination else 0),
             "async_id": None,
+            "mode": self.mode,
+            "gateway": self.gateway,
         }
         cap = self.body_cap
         if cap > 0:
@@ -292,6 +321,21 @@ class Captured(NamedTuple):
         return {
             k: shown(v) if type(v) is str and k not in _JSON_FIELDS else v for k, v in row.items()
         }
+
+
+def listeners() -> list[dict[str, str]]:
+    """Where this process listens, per mode, as the registry records it."""
+    proxyserver: Any = ctx.master.addons.get("proxyserver")
+    if proxyserver is None:
+        return []
+    return [
+        {
+            "mode": "forward" if isinstance(server.mode, RegularMode) else "reverse",
+            "address": address(addr),
+        }
+        for server in proxyserver.servers
+        for addr in server.listen_addrs
+    ]
 
 
 def target_url(destination: dict[str, Any], path: str) -> str:
