@@ -130,36 +130,56 @@ def test_a_gateway_on_postgresql(tmp_path: Path, postgres: Postgres, pg_url: str
 def test_a_change_waits_for_every_gateway_and_names_a_stopped_one(
     tmp_path: Path, state_db: str
 ) -> None:
+    """rotate-token with three live gateways (two `keyswap serve`, one plain mitmdump)
+    sharing one backend, one of them stopped (SIGSTOP) while the command waits: the
+    command names the two that serve the change and the one that does not; the old
+    token is refused by the two at once and by the third once it runs again."""
+    old = new_token()
     with ExitStack() as stack:
-        config = echo_config(stack, tmp_path, new_token())
+        config = echo_config(stack, tmp_path, old)
         first = gateway_on(stack, config, tmp_path, state_db)
         second = gateway_on(stack, config, tmp_path, state_db, plain=True)
+        third = gateway_on(stack, config, tmp_path, state_db)
         keyswap = Commands(config, state_db)
-        ids = registered(keyswap, first, second)
+        ids = registered(keyswap, first, second, third)
         assert keyswap("gateways").returncode == 0  # one config served everywhere
+        for g in (first, second, third):
+            assert status(g, old) == 200
 
         os.kill(second.proc.pid, signal.SIGSTOP)
         try:
             rotated = keyswap("proxies", "rotate-token", "app")
+            # the two running gateways refuse the old token as soon as the command returns
+            assert [status(g, old) for g in (first, third)] == [401, 401]
         finally:
             os.kill(second.proc.pid, signal.SIGCONT)
         assert rotated.returncode == 0, rotated.stderr
-        lines = rotated.stdout.splitlines()
-        assert f"gateway {ids[first.proc.pid]} at {first.url} serves the change" in lines[1]
-        assert lines[2] == (
+        out = rotated.stdout
+        for g in (first, third):
+            assert f"gateway {ids[g.proc.pid]} at {g.url} serves the change" in out
+        assert (
             f"warning: gateway {ids[second.proc.pid]} at {second.url} has not loaded the"
             " change within 5 s"
-        )
-
-        # Running again, the second loads the change too: one config everywhere again.
+        ) in out
+        new = out.strip().splitlines()[-1].rsplit(" ", 1)[1]
+        # Running again, the second loads the change within 2 s, like the others.
+        started = time.monotonic()
+        eventually(lambda: status(second, old) == 401 or None, timeout=10)
+        assert time.monotonic() - started < 3
+        assert [status(g, new) for g in (first, second, third)] == [200, 200, 200]
         digest = load_config(config, environ=ENV).digest
 
         def caught_up() -> bool:
             listed = keyswap.json("gateways")
-            return len(listed) == 2 and all(g["config_digest"] == digest for g in listed)
+            return len(listed) == 3 and all(g["config_digest"] == digest for g in listed)
 
         eventually(caught_up)
         assert keyswap("gateways").returncode == 0
+
+
+def status(gateway: Gateway, token: str) -> int:
+    r = httpx.get(f"{gateway.url}/api/app/x", headers={"x-proxy-token": token}, timeout=10)
+    return r.status_code
 
 
 def test_a_gateway_refuses_a_database_of_a_newer_version(tmp_path: Path) -> None:
