@@ -197,7 +197,7 @@ def test_a_stopped_postgresql_refuses_with_503(
     assert len(target.arrivals) == 1
 
 
-def eventually_unhealthy(url: str, timeout: float = 10.0) -> dict[str, Any]:
+def eventually_unhealthy(url: str, timeout: float = 20.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         r = httpx.get(url, timeout=5)

@@ -153,3 +153,21 @@ def test_where_a_gateway_is_reached(node: str, address: str, url: str) -> None:
     gateway = Gateway("x", node, 1, listen, "/c.yaml", "d", "", "")
     assert gateway.url() == url
     assert Gateway("x", node, 1, listen[:1], "/c.yaml", "d", "", "").url() is None
+
+
+def test_the_heartbeat_says_how_the_backend_answers(
+    backend: Backend, config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = Registration(backend, config, LISTEN, lambda: "d")
+    gateway.start()
+    try:
+        report = gateway.report()
+        assert report["kind"] == backend.kind and report["reachable"] is True
+        assert report["latency_ms"] is not None and report["error"] is None
+        # A heartbeat that hangs (the database stopped answering) is no news of health.
+        later = time.monotonic() + registry.STALE_S + 1
+        monkeypatch.setattr(registry.time, "monotonic", lambda: later)
+        report = gateway.report()
+        assert report["reachable"] is False and "no heartbeat written" in report["error"]
+    finally:
+        gateway.stop()

@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 3.0
 # A gateway whose row is older than three heartbeats is gone (or frozen): not waited for.
 LIVE_WITHIN_S = 3 * HEARTBEAT_S
+# /_keyswap/health calls the database unreachable when no heartbeat was written for this
+# long (two missed).
+STALE_S = 2 * HEARTBEAT_S
 # Rows of gateways that stopped without removing theirs (killed, crashed) are deleted
 # when a gateway registers, once they are this old.
 FORGET_AFTER_S = 86400.0
@@ -146,6 +149,7 @@ class Registration:
         self.latency_s: float | None = None
         self.checked_at: str | None = None
         self.error: str | None = None
+        self._ok_at = time.monotonic()  # the last heartbeat that was written
         self._thread = threading.Thread(target=self._run, name="keyswap-registry", daemon=True)
 
     def start(self) -> None:
@@ -188,13 +192,19 @@ class Registration:
     def report(self) -> dict[str, Any]:
         """The backend as the last heartbeat found it: reachable, and how long the
         heartbeat's write took."""
+        error = self.error
+        silent = time.monotonic() - self._ok_at
+        if error is None and silent > STALE_S:
+            # A heartbeat that hangs (a database that stopped answering: the driver waits
+            # for its timeouts) is no news of a reachable database.
+            error = f"no heartbeat written for {silent:.0f} s"
         return {
             "kind": self.backend.kind,
             "db": self.backend.shown,
-            "reachable": self.error is None,
+            "reachable": error is None,
             "latency_ms": None if self.latency_s is None else round(self.latency_s * 1000, 2),
             "checked_at": self.checked_at,
-            "error": self.error,
+            "error": error,
         }
 
     def _beat(self) -> None:
@@ -209,6 +219,7 @@ class Registration:
         finally:
             self.checked_at = iso(time.time())
         self.error, self.latency_s = None, time.perf_counter() - started
+        self._ok_at = time.monotonic()
 
     def _run(self) -> None:
         while True:
