@@ -53,9 +53,8 @@ class Shape:
 
 _SHAPES: dict[tuple[bytes, ...], Shape] = {}
 # The header tuple looked at last: consecutive stages look at the same headers. Holding
-# the tuple keeps its identity from being reused while it is remembered. The activity
-# log's writer thread looks at headers too, so `_last` is read once per call: the pair
-# is replaced whole, never half.
+# the tuple keeps its identity from being reused while it is remembered. It is read once
+# per call, so that a call sees one pair whole even if another thread replaces it.
 _last: tuple[Fields, Shape] = ((), Shape(()))
 
 

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,9 +23,7 @@ from keyswap.state.backends import Backend, Session, TransientError
 logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 50_000
-# A row, or what makes it: the recorder hands over a flow's captured values and the row
-# is made here, off the event loop, a batch at a time.
-Row = dict[str, Any] | Callable[[], dict[str, Any]]
+Row = dict[str, Any]
 BATCH_SIZE = 1_000
 # After the first row of a batch, wait this long for more. Each transaction costs the
 # event loop about two dozen GIL hand-overs (futex calls) and rewrites the same index
@@ -70,8 +67,7 @@ class Writer:
         self._thread.start()
 
     def add(self, table: str, row: Row, done: asyncio.Future[None] | None = None) -> None:
-        """Queue a row (or a function that makes it); never blocks. `done` resolves once
-        the row is committed."""
+        """Queue a row; never blocks. `done` resolves once the row is committed."""
         if len(self._rows) < self.queue_size:
             self._rows.append((table, row, done))
             if not self._wake.is_set():
@@ -130,20 +126,7 @@ class Writer:
         """Write a batch (a bad row costs only itself); False, and nothing written, when
         the database is unavailable and the writer is not closing."""
         errors: dict[int, Exception] = {}
-        made: list[tuple[int, str, dict[str, Any]]] = []
-        for i, (table, row, _) in enumerate(batch):
-            if not callable(row):
-                made.append((i, table, row))
-                continue
-            try:
-                made.append((i, table, row()))
-            except Exception as e:
-                errors[i] = e
-                logger.exception("keyswap: could not make a %s row", table)
-            # Making a row holds the GIL for tens of microseconds: hand it to the event
-            # loop between rows (when it waits for it), so that a batch never holds up
-            # a request for the whole batch.
-            time.sleep(0)
+        made = [(i, table, row) for i, (table, row, _) in enumerate(batch)]
         tables: dict[str, list[dict[str, Any]]] = {}
         for _, table, row in made:
             tables.setdefault(table, []).append(row)

@@ -1,4 +1,3 @@
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,9 @@ class Rows:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
 
-    def add(self, table: str, row: Callable[[], dict[str, Any]]) -> None:
+    def add(self, table: str, row: dict[str, Any]) -> None:
         assert table == "requests"
-        self.rows.append(row())  # made at once, as the writer thread makes it later
+        self.rows.append(row)
 
 
 def recorder(live_view: bool = False) -> tuple[Recorder, Rows]:

@@ -48,7 +48,7 @@ _JSON_FIELDS = frozenset({"request_headers", "response_headers"})
 
 
 class Recorder:
-    """Turns each finished flow into an activity log row, on the writer thread."""
+    """Turns each finished flow into an activity log row, written on the writer thread."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -193,11 +193,12 @@ class Recorder:
             return  # an answered health probe: counted by the health stage, not a row
         try:
             seen = self.capture(flow)
+            row = seen.row()
         except Exception:
-            logger.exception("keyswap: could not capture the activity log row")
+            logger.exception("keyswap: could not build the activity log row")
             return
         annotate(flow, seen.meta.get(problem.PROXY), seen.code, seen.message)
-        self.writer.add("requests", seen.row)
+        self.writer.add("requests", row)
 
     def redaction(self) -> Redaction:
         loaded = self.settings.runtime.loaded
@@ -210,9 +211,8 @@ class Recorder:
         return self._redaction
 
     def capture(self, flow: http.HTTPFlow) -> Captured:
-        """What the row needs from a finished flow, taken now; the row itself is made from
-        it on the writer thread (`Captured.row`). Everything captured is immutable or a
-        copy, so a flow edited later (in mitmweb) cannot change a row being made."""
+        """What the row needs from a finished flow (`Captured.row` makes the row). Everything
+        captured is immutable or a copy: the row says what the flow was when it ended."""
         redact = self.redaction()
         request, response, meta = flow.request, flow.response, flow.metadata
         error = meta.get(problem.ERROR) or (flow.error.msg if flow.error else None)
