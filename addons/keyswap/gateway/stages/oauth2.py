@@ -329,7 +329,7 @@ class OAuth2:
         made: a refresh it could not record would spend the refresh token for nobody."""
         if self.store is None:
             return await self._refresh(name, credential, state, cause, None)
-        lease_s = self._lease_s(credential)
+        lease_s = self._lease_s(name)
         deadline = time.monotonic() + 2 * lease_s
         try:
             while True:
@@ -354,13 +354,17 @@ class OAuth2:
             logger.error("keyswap: oauth2 credential '%s': no refresh: %s", name, e)
             return None
 
-    def _lease_s(self, credential: OAuth2Credential) -> float:
+    def _lease_s(self, name: str) -> float:
         """How long a refresh may hold the credential: the token request's timeout, and
         a margin for committing its result."""
-        config = self.settings.runtime.config
-        name = next((n for n, c in config.credentials.items() if c is credential), None)
-        target = next((t for t in config.targets.values() if t.credential == name), None)
+        target = self._target_of(name)
         return (target.timeout_s if target else DEFAULT_TIMEOUT_S) + LEASE_MARGIN_S
+
+    def _target_of(self, name: str) -> Target | None:
+        """A target using credential `name`: its upstream proxy, TLS settings and timeout
+        are the ones the token request uses."""
+        config = self.settings.runtime.config
+        return next((t for t in config.targets.values() if t.credential == name), None)
 
     def _adopt(self, state: TokenState, stored: TokenState | None) -> None:
         """Take what the database holds when it is newer than what this process has."""
@@ -372,9 +376,7 @@ class OAuth2:
         """Whether refreshing now is pointless: the credential's refresh token was
         refused (until the config gives a new one), or the token endpoint failed a moment
         ago (it is not hammered)."""
-        config_refresh = (
-            credential.refresh_token.get_secret_value() if credential.refresh_token else None
-        )
+        config_refresh = _config_refresh(credential)
         if state.config_refresh != config_refresh:
             return False  # the config has a new refresh token: start over from it
         return state.terminal or bool(state.error and time.time() - state.error_at < RETRY_AFTER_S)
@@ -390,9 +392,7 @@ class OAuth2:
         """Call the token endpoint (holding the lease on `version` of the stored state,
         when there is a database) and commit what it answered, compare-and-swap on that
         version: a refresh that stalled past its lease cannot overwrite a newer token."""
-        config_refresh = (
-            credential.refresh_token.get_secret_value() if credential.refresh_token else None
-        )
+        config_refresh = _config_refresh(credential)
         if state.config_refresh != config_refresh:
             # The config has a new refresh token: start over from it.
             state.refresh_token, state.config_refresh = None, config_refresh
@@ -480,7 +480,7 @@ class OAuth2:
         self, name: str, credential: OAuth2Credential, refresh: str | None
     ) -> tuple[str, float, str | None, int]:
         config = self.settings.runtime.config
-        target = next((t for t in config.targets.values() if t.credential == name), None)
+        target = self._target_of(name)
         form, headers = token_request(credential, refresh)
         try:
             async with http_client(config, target) as client:
@@ -517,3 +517,8 @@ class OAuth2:
                 "attempts": 1,
             },
         )
+
+
+def _config_refresh(credential: OAuth2Credential) -> str | None:
+    """The refresh token the config gives (a stored state grown from another is stale)."""
+    return credential.refresh_token.get_secret_value() if credential.refresh_token else None
