@@ -25,7 +25,7 @@ def test_upgrades_once_and_says_from_and_to(state_db: str) -> None:
     assert again == {"db": shown, "backend": again["backend"], "from": 3, "to": 3}
     assert again["backend"] in ("sqlite", "postgresql")
     assert "********" in shown or "://" not in state_db  # the password never shows
-    assert run(state_db).output == f"{shown}: schema version 3, already current\n"
+    assert run(state_db).output == f"{shown}: schema version {SCHEMA_VERSION}, already current\n"
 
 
 def test_an_older_file_is_upgraded(tmp_path: Path) -> None:

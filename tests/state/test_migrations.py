@@ -37,7 +37,7 @@ def test_a_new_database_gets_every_table(state_db: str) -> None:
         assert migrations.upgrade(backend) == (0, SCHEMA_VERSION)
         assert migrations.upgrade(backend) == (SCHEMA_VERSION, SCHEMA_VERSION)
         with backend.session() as session:
-            assert migrations.version(session) == SCHEMA_VERSION == 3
+            assert migrations.version(session) == SCHEMA_VERSION == 4
             assert {"mode", "gateway", "started_at", "async_id"} <= columns(session, "requests")
             assert columns(session, "gateways") >= {
                 "id", "node", "pid", "listen", "config_digest", "last_seen", "config"

@@ -298,6 +298,16 @@ class Token(Model):
     created: datetime | None = None
 
 
+class AsyncPolicy(Model):
+    """How long keyswap keeps trying to deliver a proxy's `Prefer: respond-async`
+    requests (docs/async.md)."""
+
+    max_attempts: int = Field(8, ge=1, le=1000, description="then the request is failed")
+    max_age_s: float = Field(
+        86400, gt=0, description="seconds after acceptance; then the request is expired"
+    )
+
+
 class Proxy(Model):
     """A proxy: routes, rules and tokens in front of one target."""
 
@@ -316,6 +326,8 @@ class Proxy(Model):
     request_headers: HeaderRules = HeaderRules()
     response_headers: HeaderRules = HeaderRules()
     rate_limit: Annotated[str, AfterValidator(_rate_limit)] | None = None
+    # `async` is a Python keyword: the field has another name, the YAML key is `async`.
+    async_: AsyncPolicy = Field(AsyncPolicy(), alias="async")
     tokens: list[Token] = Field(default_factory=list)
 
 

@@ -115,6 +115,13 @@ class Redaction:
         """Whether `data` holds a secret value or something shaped like a proxy token."""
         return b"ks_" in data or any(v in data for v in self._values_bytes)
 
+    def mask_bytes(self, data: bytes) -> bytes:
+        """`data` with every secret value and every proxy-token-shaped value masked."""
+        for value in self._values_bytes:
+            if value in data:
+                data = data.replace(value, MASK_BYTES)
+        return mask_token_bytes(data)
+
     def url(self, url: str) -> str:
         for name in self.params:
             if f"{quote(name, safe='')}=" in url.partition("?")[2]:

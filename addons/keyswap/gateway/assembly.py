@@ -8,8 +8,11 @@ from typing import Any
 from keyswap.gateway.pipeline import Pipeline
 from keyswap.gateway.reuse_port import ReusePort
 from keyswap.gateway.settings import Settings
+from keyswap.gateway.stages.async_accept import AsyncAccept
+from keyswap.gateway.stages.async_status import AsyncStatus
 from keyswap.gateway.stages.auth import Authenticate
 from keyswap.gateway.stages.cors import Cors
+from keyswap.gateway.stages.deliveries import Deliveries
 from keyswap.gateway.stages.drain import Drain
 from keyswap.gateway.stages.failures import Failures
 from keyswap.gateway.stages.firewall import Firewall
@@ -36,25 +39,30 @@ def build() -> list[Any]:
     # A retried response passes the response-side filter again.
     oauth2 = OAuth2(settings, recorder, retry_pipeline=[header_filter])
     recorder.secret_sources.append(lambda: oauth2.issued)
+    deliveries = Deliveries(settings, recorder)
 
     stages = [
         settings,
         ReusePort(),  # keyswap_reuse_port; keyswap serve adds one to the master too: see there
         HeadGate(settings, recorder.record),  # limits while a request head arrives
         Firewall(settings),  # first on a parsed request: nothing reads it before this
+        deliveries,  # its `done` stops leasing and lets its attempts end, before the drain
         Drain(),  # its `done` waits for requests in flight before the others close
         Router(settings),
+        AsyncStatus(settings, deliveries),  # /_keyswap/requests/<id>, before health's 404
         Health(
             settings,
             {
                 "backend": recorder.backend_report,
                 "activity_log": recorder.report,
                 "oauth2": oauth2.report,
+                "async": deliveries.report,
             },
         ),
         cors,
         Authenticate(settings),
         Policy(settings),
+        AsyncAccept(settings, deliveries),  # respond-async: stored, answered 202
         Rewrite(settings),
         header_filter,
         CredentialSwap(settings),

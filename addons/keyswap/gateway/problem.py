@@ -27,6 +27,8 @@ PATH = "keyswap.path"  # as the client sent it
 BYTES_IN = "keyswap.bytes_in"  # counted for streamed bodies
 BYTES_OUT = "keyswap.bytes_out"
 ATTEMPTS = "keyswap.attempts"
+ASYNC_ID = "keyswap.async_id"  # a respond-async request: its 202, or one of its attempts
+ASYNC_ATTEMPT = "keyswap.async_attempt"  # which delivery attempt this flow is (from 1)
 
 # response headers
 CODE_HEADER = "keyswap-proxy-code"

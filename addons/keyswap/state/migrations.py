@@ -11,15 +11,20 @@ from collections.abc import Callable
 
 from keyswap.state.backends import Backend, SchemaTooNew, Session
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LOCK = "keyswap.migrations"
 
 # Column types as SQL per backend. PostgreSQL compares text by its bytes ("C"), as
 # SQLite does: `keyswap logs` orders by id and time, `stats` walks the proxy ids in
 # order, whatever the database's locale.
 _TYPES = {
-    "sqlite": {str: "TEXT", int: "INTEGER", float: "FLOAT"},
-    "postgresql": {str: 'text collate "C"', int: "bigint", float: "double precision"},
+    "sqlite": {str: "TEXT", int: "INTEGER", float: "FLOAT", bytes: "BLOB"},
+    "postgresql": {
+        str: 'text collate "C"',
+        int: "bigint",
+        float: "double precision",
+        bytes: "bytea",
+    },
 }
 
 REQUEST_COLUMNS_V1: dict[str, type] = {
@@ -81,6 +86,37 @@ RATE_LIMIT_COLUMNS: dict[str, type] = {
     "key": str,
     "tat": float,  # GCRA's theoretical arrival time, Unix seconds
     "updated_at": str,
+}
+ASYNC_COLUMNS: dict[str, type] = {
+    "id": str,  # also the path of its result: /_keyswap/requests/<id>
+    "proxy_id": str,
+    "token_id": str,  # the proxy token that asked
+    "client_ip": str,  # the client that asked
+    "state": str,  # queued, delivering, succeeded, failed, expired, cancelled
+    "created_at": str,  # ISO 8601 UTC, as every time here
+    "updated_at": str,
+    "deadline_at": str,  # created_at + the proxy's async.max_age_s (reset by a retry)
+    "next_attempt_at": str,
+    "attempts": int,  # started so far
+    "max_attempts": int,
+    "lease_owner": str,  # the gateway delivering it (state delivering)
+    "lease_until": str,
+    "idempotency_key": str,  # the client's, or one keyswap made; on every attempt
+    "accepted_request_id": str,  # the activity log row of the 202
+    "last_request_id": str,  # the activity log row of the latest attempt
+    "last_error": str,
+    # The request as the gateway accepted it: the path the client sent (no token in it),
+    # its headers after the proxy's request filter (no token, no target credential), the
+    # body. Delivery sends it through the whole pipeline again.
+    "method": str,
+    "path": str,
+    "request_headers": str,  # JSON [[name, value], ...], each byte a code point (latin-1)
+    "request_body": bytes,
+    # The target's answer, once done (secrets masked, the body bounded).
+    "response_status": int,
+    "response_headers": str,  # JSON [[name, value], ...], as request_headers
+    "response_body": bytes,
+    "response_bytes": int,  # the body's whole size; larger than response_body if truncated
 }
 
 # The activity log's indexes. The columns after the first two let the database filter
@@ -176,7 +212,19 @@ def _v3(session: Session) -> None:
     _create(session, "rate_limits", RATE_LIMIT_COLUMNS, "key", ("tat",))
 
 
-MIGRATIONS: dict[int, Callable[[Session], None]] = {1: _v1, 2: _v2, 3: _v3}
+def _v4(session: Session) -> None:
+    """The async queue: requests accepted with `Prefer: respond-async`, their delivery
+    leases and results."""
+    _create(session, "async_requests", ASYNC_COLUMNS, "id", ("proxy_id", "state", "created_at"))
+    for name, columns in {
+        "idx_async_requests_state_next_attempt_at": "state, next_attempt_at",
+        "idx_async_requests_proxy_id_created_at": "proxy_id, created_at",
+        "idx_async_requests_state_updated_at": "state, updated_at",
+    }.items():
+        session.execute(f"create index if not exists {name} on async_requests ({columns})")
+
+
+MIGRATIONS: dict[int, Callable[[Session], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
 

@@ -3,6 +3,7 @@ keyswap.state.migrations'; the backends hold them.)"""
 
 from __future__ import annotations
 
+import calendar
 import getpass
 import itertools
 import json
@@ -34,6 +35,12 @@ def iso(ts: float) -> str:
 def _iso_second(second: int) -> str:
     """Formatted once per second, not once per log row."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def unix(stamp: str) -> float:
+    """An `iso()` time back as Unix seconds."""
+    whole = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    return whole + float("0" + stamp[19:23].rstrip("Z"))
 
 
 def now_iso() -> str:

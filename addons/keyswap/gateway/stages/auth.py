@@ -10,7 +10,7 @@ from mitmproxy import http
 from mitmproxy.http import Headers
 
 from keyswap.config.tokens import SHAPE, digest
-from keyswap.gateway import problem
+from keyswap.gateway import delivery, problem
 from keyswap.gateway.runtime import NO_PLACES, TokenPlaces
 from keyswap.net import fields
 
@@ -91,6 +91,15 @@ class Authenticate:
             return
         runtime = self.settings.runtime
         proxy_id = flow.metadata[problem.PROXY]
+        if (attempt := delivery.attempt_of(flow)) is not None:
+            # An async request's delivery: authenticated when it was accepted, by the
+            # token it names; its path must still route to that token's proxy.
+            if attempt.job.proxy_id != proxy_id:
+                message = f"the path now routes to proxy '{proxy_id}', not the one that accepted it"
+                problem.deny(flow, 403, "async-proxy-changed", message)
+                return
+            flow.metadata[TOKEN_ID] = attempt.job.token_id
+            return
         places = runtime.token_places.get(proxy_id, NO_PLACES)
         # The path as sent (the rewrite comes later), read only by a proxy whose token
         # may stand in a query parameter.

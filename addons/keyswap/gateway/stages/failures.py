@@ -31,7 +31,8 @@ from mitmproxy.proxy.layers.http._events import (
 )
 
 from keyswap.config.secrets import mask_tokens
-from keyswap.gateway import problem, wire
+from keyswap.gateway import delivery, problem, wire
+from keyswap.gateway.stages.async_accept import HELD, too_large
 from keyswap.gateway.stages.upstream import (
     PROXY_ANSWER,
     UPSTREAM,
@@ -151,6 +152,20 @@ class GatewayStream(http_layers.HttpStream):
     def state_consume_request_body(self, event: Any) -> Generator[Any, Any, None]:
         return _with_secrets(self, super().state_consume_request_body(event))
 
+    def check_body_size(self, request: bool) -> Generator[Any, Any, bool]:
+        # A respond-async request's body is held to store it: past its bound it is
+        # refused at once (413), not read to the end.
+        flow: http.HTTPFlow | None = getattr(self, "flow", None)
+        held = flow.metadata.get(HELD) if request and flow is not None else None
+        if flow is not None and held is not None and len(self.request_body_buf) > held[2]:
+            self.request_body_buf.clear()
+            del flow.metadata[HELD]
+            too_large(flow, held[2])
+            self.client_state = self.state_errored
+            yield from self.send_response()
+            return True
+        return (yield from super().check_body_size(request))
+
     def make_server_connection(self) -> Generator[Any, Any, bool]:
         # mitmproxy's, but with a request that matches only connections of the same key:
         # mitmproxy's own would reuse any open connection to the same address and proxy.
@@ -217,6 +232,7 @@ def install_stream_class() -> None:
         "state_consume_request_body",
         "handle_protocol_error",
         "make_server_connection",
+        "check_body_size",
         "send_response",
         "state_consume_response_body",
     )
@@ -315,6 +331,7 @@ class Failures:
         flow.metadata[TIMED_OUT] = True
         proxyserver: Any = ctx.master.addons.get("proxyserver")
         handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+        handler = handler or delivery.handler_of(flow.client_conn.id)  # an async attempt
         if handler is None:
             return
         # The transports of this flow's connection: the connection itself or, through a

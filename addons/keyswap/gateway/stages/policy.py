@@ -11,7 +11,7 @@ from mitmproxy import http
 
 from keyswap.config.model import Proxy, Rule
 from keyswap.config.tokens import without_tokens
-from keyswap.gateway import problem
+from keyswap.gateway import delivery, problem
 from keyswap.gateway.rate_limit import RateLimits, Unavailable, retry_after
 from keyswap.gateway.stages.rewrite import Destination, Refused, resolve
 from keyswap.state.rate_limits import Rate
@@ -124,7 +124,8 @@ class Policy:
             problem.deny(flow, 403, "rule", "a rule of this proxy denies the request")
             return None
         limit = runtime.rate_limits.get(proxy_id)
-        if limit is not None:
+        # An async request took its place under the rate limit when it was accepted.
+        if limit is not None and delivery.attempt_of(flow) is None:
             return self._rate_limited(flow, proxy, dest, *limit)
         grant(flow, proxy, dest)
         return None

@@ -309,8 +309,9 @@ class Captured(NamedTuple):
             "response_headers": redact.headers_json(self.response_headers)
             if self.response_headers is not None
             else None,
-            "attempts": meta.get(problem.ATTEMPTS, 1 if destination else 0),
-            "async_id": None,
+            "attempts": meta.get(problem.ASYNC_ATTEMPT)
+            or meta.get(problem.ATTEMPTS, 1 if destination else 0),
+            "async_id": meta.get(problem.ASYNC_ID),
             "mode": self.mode,
             "gateway": self.gateway,
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from keyswap.gateway import problem
+from keyswap.gateway import delivery, problem
 from keyswap.net import fields
 
 # Bodies up to this size are buffered (cheap, and visible in mitmweb); larger ones stream.
@@ -64,4 +64,6 @@ class Streaming:
         if response is None or flow.metadata.get(problem.ANSWERED):
             return
         if _should_stream(response):
-            response.stream = ByteCounter(flow, problem.BYTES_OUT)
+            attempt = delivery.attempt_of(flow)
+            # An async attempt's answer is kept for its client, up to a bound.
+            response.stream = attempt.capture if attempt else ByteCounter(flow, problem.BYTES_OUT)

@@ -1,0 +1,172 @@
+"""`Prefer: respond-async`: a request that passed every check is stored and answered
+`202 Accepted` with where to read its result; the deliveries stage sends it later, as
+many times as it takes. The stored request is what the target may see of it: the path
+the client sent without any token, the headers after the proxy's request filter (no
+proxy credential, nothing token-shaped), the body. No target credential: that goes on
+at delivery. It is committed before the 202 is sent."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from mitmproxy import http
+
+from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE
+from keyswap.config.tokens import without_tokens
+from keyswap.gateway import delivery, problem
+from keyswap.gateway.runtime import NO_PLACES
+from keyswap.gateway.stages.auth import TOKEN_ID
+from keyswap.net import fields
+from keyswap.state import async_queue
+from keyswap.state.backends import StateError
+from keyswap.state.store import iso, new_request_id
+
+if TYPE_CHECKING:
+    from keyswap.gateway.settings import Settings
+    from keyswap.gateway.stages.deliveries import Deliveries
+
+RESULTS = "/_keyswap/requests/"
+HELD = "keyswap.async_held"  # flow.metadata: the grant, held back from the forwarding stages
+# Not stored: how this client framed and asked (delivery frames the body itself).
+NOT_STORED = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect", b"prefer"})
+
+
+def prefers_async(prefer: str | None) -> bool:
+    """Whether a `Prefer` value (RFC 7240) asks for `respond-async`."""
+    if not prefer or "respond-async" not in prefer.lower():
+        return False
+    return any(
+        p.split(";")[0].split("=")[0].strip().lower() == "respond-async" for p in prefer.split(",")
+    )
+
+
+def other_preferences(prefer: str) -> str:
+    """A `Prefer` value without `respond-async` (the target is asked the rest)."""
+    kept = [p.strip() for p in prefer.split(",")]
+    return ", ".join(p for p in kept if p and not prefers_async(p))
+
+
+class AsyncAccept:
+    """Stores granted `Prefer: respond-async` requests and answers them 202."""
+
+    def __init__(self, settings: Settings, deliveries: Deliveries) -> None:
+        self.settings = settings
+        self.deliveries = deliveries
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
+            return
+        request = flow.request
+        if not prefers_async(fields.get(request.headers, b"prefer")):
+            return
+        if delivery.attempt_of(flow) is not None:
+            return  # never stored twice (delivery leaves `respond-async` out anyway)
+        limit = self.settings.runtime.config.limits.max_async_body_bytes
+        length = fields.get(request.headers, b"content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > limit):
+            too_large(flow, limit)
+            return
+        meta = flow.metadata
+        # Held back: the stages that forward (rewrite, swap, upstream, OAuth2, ...) act
+        # only on a flow with a destination and a target, and this one goes nowhere now.
+        meta[HELD] = (meta.pop(problem.DESTINATION), meta.pop(problem.TARGET), limit)
+        request.stream = False  # the whole body, to store (bounded: see GatewayStream)
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if HELD not in flow.metadata or flow.response or flow.error or not flow.live:
+            return None
+        return self._store(flow)
+
+    async def _store(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata
+        _, target, limit = meta.pop(HELD)
+        meta[problem.TARGET] = target  # for the row; no stage after this one forwards it
+        request = flow.request
+        body = request.raw_content or b""
+        if len(body) > limit:
+            too_large(flow, limit)
+            return
+        config = self.settings.runtime.config
+        proxy_id = meta[problem.PROXY]
+        policy = config.proxies[proxy_id].async_
+        headers = self._stored_headers(flow)
+        key = fields.get(request.headers, b"idempotency-key")
+        async_id = new_request_id()
+        if not key:
+            key = f"keyswap-{async_id}"
+            headers.append((b"idempotency-key", key.encode()))
+        path, _, query = request.path.partition("?")  # no token in the path: routing refuses one
+        query = without_tokens(query)
+        now = flow.request.timestamp_start or 0.0
+        try:
+            await self.deliveries.call(
+                async_queue.enqueue,
+                id=async_id,
+                proxy_id=proxy_id,
+                token_id=meta.get(TOKEN_ID),
+                client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+                now=iso(now),
+                deadline_at=iso(now + policy.max_age_s),
+                max_attempts=policy.max_attempts,
+                idempotency_key=key,
+                accepted_request_id=meta.get(problem.REQUEST_ID, ""),
+                method=request.method,
+                path=f"{path}?{query}" if query else path,
+                headers=headers,
+                body=body,
+            )
+        except StateError as e:
+            if flow.live and not flow.response:
+                meta[problem.ERROR] = f"async queue unavailable: {e}"
+                message = "the request could not be stored for async delivery; try again shortly"
+                problem.deny(flow, 503, "async-unavailable", message, {"retry-after": "1"})
+            return
+        self.deliveries.wake()
+        location = RESULTS + async_id
+        meta[problem.ASYNC_ID] = async_id
+        meta[problem.ASYNC_ATTEMPT] = 0
+        body_out = json.dumps({"id": async_id, "state": "queued", "location": location})
+        flow.response = http.Response.make(
+            202,
+            body_out.encode() + b"\n",
+            {
+                "content-type": "application/json",
+                "location": location,
+                "preference-applied": "respond-async",
+                "cache-control": "no-store",
+            },
+        )
+        meta[problem.ANSWERED] = True
+        problem.decide(flow, problem.GRANTED, f"accepted for async delivery to target '{target}'")
+        problem.stamp(flow, flow.response)
+
+    def _stored_headers(self, flow: http.HTTPFlow) -> list[tuple[bytes, bytes]]:
+        """The request's headers as the target may see them (the proxy's request plan;
+        no proxy credential, nothing shaped like a token), without framing."""
+        runtime = self.settings.runtime
+        proxy_id = flow.metadata[problem.PROXY]
+        headers = flow.request.headers.copy()
+        runtime.header_plans[proxy_id][0].apply(headers)
+        place = runtime.token_places.get(proxy_id, NO_PLACES).header  # where its token may be
+        dropped = NOT_STORED | ({place} if place is not None else set())
+        kept = [
+            (k, v)
+            for k, v in headers.fields
+            if k.lower() not in dropped and not TOKEN_SHAPE.search(v)
+        ]
+        prefer = other_preferences(fields.get(flow.request.headers, b"prefer") or "")
+        if prefer:
+            kept.append((b"prefer", prefer.encode("utf-8", "surrogateescape")))
+        return kept
+
+
+def too_large(flow: http.HTTPFlow, limit: int) -> None:
+    problem.deny(
+        flow,
+        413,
+        "too-large",
+        f"an async request body may hold at most {limit} bytes (limits.max_async_body_bytes)",
+        {"connection": "close"},
+    )

@@ -1,0 +1,275 @@
+"""The async queue's side of a gateway: the state calls of the async stages (on threads
+of their own, never on the event loop), and the delivery loop, which leases due requests
+from the state database, sends each through the pipeline (keyswap.gateway.delivery),
+and writes what the attempt ended in (keyswap.gateway.retry_policy decides what
+follows). Every gateway on the database delivers; a lease gives each attempt to one.
+
+On shutdown it stops leasing and lets its attempts in flight end (as the drain lets
+requests end); an attempt cut by a crash is taken again by any gateway once its lease
+runs out or its gateway leaves the registry's live list."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
+
+from keyswap.config.secrets import Redaction
+from keyswap.gateway import delivery, problem, retry_policy
+from keyswap.state import async_queue
+from keyswap.state.async_queue import Job, Outcome
+from keyswap.state.backends import StateError
+from keyswap.state.registry import LIVE_WITHIN_S
+from keyswap.state.store import iso, unix
+
+if TYPE_CHECKING:
+    from keyswap.gateway.settings import Settings
+    from keyswap.gateway.stages.recorder import Recorder
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+THREADS = 2
+# How long a lease outlasts the longest an attempt may take (the target's connect and
+# response timeouts): time to write the outcome.
+LEASE_MARGIN_S = 15.0
+PRUNE_EVERY_S = 300.0
+FIGURES_EVERY_S = 2.0
+LOG_EVERY_S = 10.0
+
+
+class Deliveries:
+    """Runs the async queue's state calls and delivers due requests."""
+
+    def __init__(self, settings: Settings, recorder: Recorder) -> None:
+        self.settings = settings
+        self.recorder = recorder
+        self._executor = ThreadPoolExecutor(THREADS, thread_name_prefix="keyswap-async")
+        self._loop_task: asyncio.Task[None] | None = None
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._figures: dict[str, Any] = {}
+        self._figures_at = 0.0
+        self._next_prune = 0.0
+        self._last_log = -LOG_EVERY_S
+        self.delivered = 0  # attempts this process made
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "keyswap_async_concurrency",
+            int,
+            16,
+            "Async requests this gateway delivers at once.",
+        )
+        loader.add_option(
+            "keyswap_async_poll_s",
+            float,
+            1.0,
+            "How often an idle gateway looks for due async requests (a request accepted "
+            "by this gateway starts at once).",
+        )
+        loader.add_option(
+            "keyswap_async_retention_s",
+            float,
+            7 * 86400.0,
+            "How long a finished async request and its result are kept, in seconds.",
+        )
+
+    def running(self) -> None:
+        if self.settings.source is not None:
+            # A task: its first step runs after every stage's `running`, the recorder's
+            # (which opens and upgrades the database) included.
+            self._loop_task = asyncio.get_running_loop().create_task(self._deliver_forever())
+
+    async def done(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        if self._attempts:
+            logger.info(
+                "keyswap: shutting down, %d async deliveries in flight", len(self._attempts)
+            )
+            await asyncio.wait(set(self._attempts), timeout=ctx.options.keyswap_drain_s)
+        self._executor.shutdown(wait=True)
+
+    # -- state calls, off the event loop --------------------------------------------------
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(session, *args, **kwargs)` on one of this stage's threads."""
+
+        def run() -> T:
+            backend = self.recorder.backend
+            if backend is None or self.recorder.gateway_id is None:
+                raise StateError("the state database is not open")
+            with backend.session() as session:
+                return fn(session, *args, **kwargs)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def wake(self) -> None:
+        """A request was accepted here: look for due requests now."""
+        self._wake.set()
+
+    # -- the delivery loop ----------------------------------------------------------------
+
+    async def _deliver_forever(self) -> None:
+        while not self._stopping:
+            full = False
+            try:
+                full = await self._round()
+            except StateError as e:
+                self._log_failure(e)
+            except Exception:
+                logger.exception("keyswap: the async delivery loop failed; it goes on")
+            if full:
+                await asyncio.sleep(0)  # more may be due: lease again once a slot frees
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), ctx.options.keyswap_async_poll_s)
+
+    async def _round(self) -> bool:
+        """Lease what fits and start delivering it; True when every slot was filled (so
+        more may be waiting)."""
+        if self.recorder.gateway_id is None:
+            return False
+        now = time.time()
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY_S
+            before = iso(now - ctx.options.keyswap_async_retention_s)
+            await self.call(async_queue.prune, before)
+        if now - self._figures_at >= FIGURES_EVERY_S:
+            self._figures_at = now
+            self._figures = await self.call(async_queue.figures, iso(now), iso(now - 3600))
+        free = ctx.options.keyswap_async_concurrency - len(self._attempts)
+        if free <= 0:
+            return False
+        live_since = iso(now - LIVE_WITHIN_S)
+        await self.call(async_queue.sweep, iso(now), live_since)
+        until = iso(now + self._lease_s())
+        jobs = await self.call(
+            async_queue.lease, self.recorder.gateway_id, iso(now), until, live_since, free
+        )
+        for job in jobs:
+            task = asyncio.get_running_loop().create_task(self._attempt(job))
+            self._attempts.add(task)
+            task.add_done_callback(self._attempts.discard)
+            task.add_done_callback(lambda _: self._wake.set())
+        return bool(len(jobs) == free)
+
+    def _lease_s(self) -> float:
+        """Longer than any attempt may take: the slowest target's timeouts, and time to
+        write the outcome."""
+        targets = (
+            self.settings.runtime.config.targets.values() if self.settings.runtime.loaded else ()
+        )
+        longest = max((t.connect_timeout_s + t.timeout_s for t in targets), default=30.0)
+        return longest + LEASE_MARGIN_S
+
+    async def _attempt(self, job: Job) -> None:
+        """One attempt, and its outcome written (unless the lease was lost meanwhile)."""
+        keep = self.settings.runtime.config.limits.max_async_body_bytes
+        try:
+            attempt = await delivery.run(job, ctx.options, keep, self._lease_s() - 5)
+            self.delivered += 1
+            outcome = self.outcome(job, attempt, time.time())
+            request_id = attempt.flow.metadata.get(problem.REQUEST_ID, "")
+            owner = self.recorder.gateway_id or ""
+            kept = await self.call(
+                async_queue.finish, job, owner, iso(time.time()), request_id, outcome
+            )
+        except StateError as e:
+            self._log_failure(e)
+            return
+        except Exception:
+            logger.exception("keyswap: delivering async request %s failed", job.id)
+            return
+        if kept and outcome.state == "queued" and outcome.next_attempt_at:
+            # Due again then: look for it at that moment, not at the next poll.
+            wait = unix(outcome.next_attempt_at) - time.time()
+            asyncio.get_running_loop().call_later(max(0.0, wait), self._wake.set)
+        if not kept:
+            logger.warning(
+                "keyswap: async request %s attempt %d: another gateway took it over"
+                " (its lease ran out); this attempt's outcome is not kept",
+                job.id,
+                job.attempt,
+            )
+
+    def outcome(self, job: Job, attempt: delivery.Attempt, now: float) -> Outcome:
+        """What the attempt ended in, secrets masked."""
+        flow = attempt.flow
+        meta = flow.metadata
+        response = flow.response
+        gateway_made = bool(meta.get(problem.ANSWERED))
+        status = response.status_code if response is not None else None
+        code = meta.get(problem.CODE)
+        redact = self.recorder.redaction()
+        error = meta.get(problem.ERROR) or (flow.error.msg if flow.error else None)
+        kept: dict[str, Any] = {}
+        if response is not None and not gateway_made:
+            kept = self._response(attempt, response, redact)
+        verdict = retry_policy.verdict(status, gateway_made, code)
+        if verdict == "done":
+            return Outcome("succeeded", **kept)
+        reason = meta.get(problem.MESSAGE) or (f"HTTP {status}" if status else None) or error
+        reason = redact.text(str(reason or "the attempt failed"))
+        if not gateway_made and status is not None:
+            reason = f"the target answered {status}"
+        if verdict == "refused":
+            return Outcome("failed", error=reason, **kept)
+        wait = retry_policy.retry_after_s(
+            response.headers.get("retry-after") if response is not None else None, now
+        )
+        deadline = unix(job.deadline_at)
+        after = retry_policy.after_failure(job.attempt, job.max_attempts, deadline, now, wait)
+        return Outcome(
+            after.state,
+            next_attempt_at=iso(after.at) if after.at is not None else None,
+            error=reason,
+            **kept,
+        )
+
+    def _response(
+        self, attempt: delivery.Attempt, response: http.Response, redact: Redaction
+    ) -> dict[str, Any]:
+        """The target's answer as stored: headers and the body's first bytes (the
+        configured bound), every secret masked."""
+        if attempt.streamed is not None:
+            body, whole = bytes(attempt.kept), attempt.streamed
+        else:
+            raw = response.raw_content or b""
+            body, whole = raw[: attempt.keep], len(raw)
+        headers = [(k, redact.mask_bytes(v)) for k, v in response.headers.fields]
+        return {
+            "status": response.status_code,
+            "headers": headers,
+            "body": redact.mask_bytes(body),
+            "body_bytes": whole,
+        }
+
+    def _log_failure(self, e: StateError) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            logger.warning("keyswap: async queue unavailable: %s", e)
+
+    def report(self) -> dict[str, Any]:
+        """The queue for /_keyswap/health (as of the last few seconds) and this gateway's
+        deliveries in flight."""
+        figures = dict(self._figures)
+        oldest = figures.pop("oldest_queued_at", None)
+        figures["oldest_queued_age_s"] = (
+            round(max(0.0, time.time() - unix(oldest)), 1) if oldest else None
+        )
+        figures["delivering_here"] = len(self._attempts)
+        return figures

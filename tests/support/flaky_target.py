@@ -1,0 +1,103 @@
+"""A target whose answers follow a script, for the async delivery tests: a loopback
+HTTP/1.1 server on threads of its own that notes every request reaching it (time,
+method, path, headers, body) and answers each with the next step of its script:
+
+- `"200"` (or any status): that status, with the request's body echoed back;
+- `"drop"`: closes the connection without an answer;
+- `"429:1"` / `"503:2"`: that status with `Retry-After` seconds;
+- `"sleep:S"`: waits S seconds, then answers 200.
+
+When the script runs out, `default` answers. It also notes deliveries that overlap: two
+requests with the same Idempotency-Key being answered at the same time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Arrival:
+    at: float  # time.monotonic()
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    ended: float | None = None
+
+
+@dataclass
+class FlakyTarget:
+    script: list[str] = field(default_factory=list)
+    default: str = "200"
+
+    def __post_init__(self) -> None:
+        self.arrivals: list[Arrival] = []
+        self.overlaps: list[str] = []  # idempotency keys delivered twice at once
+        self.lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        target = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_one(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                arrival = Arrival(
+                    time.monotonic(),
+                    self.command,
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                )
+                key = arrival.headers.get("idempotency-key", "")
+                with target.lock:
+                    target.arrivals.append(arrival)
+                    step = target.script.pop(0) if target.script else target.default
+                    target._in_flight[key] = target._in_flight.get(key, 0) + 1
+                    if key and target._in_flight[key] > 1:
+                        target.overlaps.append(key)
+                try:
+                    self.answer(step, body)
+                finally:
+                    with target.lock:
+                        target._in_flight[key] -= 1
+                        arrival.ended = time.monotonic()
+
+            def answer(self, step: str, body: bytes) -> None:
+                if step == "drop":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                status, retry_after = step, None
+                if step.startswith("sleep:"):
+                    time.sleep(float(step.split(":")[1]))
+                    status = "200"
+                elif ":" in step:
+                    status, retry_after = step.split(":")
+                self.send_response(int(status))
+                if retry_after is not None:
+                    self.send_header("retry-after", retry_after)
+                self.send_header("content-type", "application/octet-stream")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
