@@ -22,7 +22,12 @@ def test_upgrades_once_and_says_from_and_to(state_db: str) -> None:
     assert first.exit_code == 0, first.output
     assert first.output == f"{shown}: schema version 0 -> {SCHEMA_VERSION}\n"
     again = json.loads(run(state_db, "--json").output)
-    assert again == {"db": shown, "backend": again["backend"], "from": 3, "to": 3}
+    assert again == {
+        "db": shown,
+        "backend": again["backend"],
+        "from": SCHEMA_VERSION,
+        "to": SCHEMA_VERSION,
+    }
     assert again["backend"] in ("sqlite", "postgresql")
     assert "********" in shown or "://" not in state_db  # the password never shows
     assert run(state_db).output == f"{shown}: schema version {SCHEMA_VERSION}, already current\n"
@@ -39,7 +44,10 @@ def test_a_newer_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "k.db"
     run(str(path))
     with open_backend(path) as backend, backend.session() as session:
-        session.execute("pragma user_version = 4")
+        session.execute(f"pragma user_version = {SCHEMA_VERSION + 1}")
     result = run(str(path))
     assert result.exit_code == 1
-    assert "has schema version 4, newer than this keyswap knows (3)" in result.output
+    newer = SCHEMA_VERSION + 1
+    assert f"has schema version {newer}, newer than this keyswap knows ({SCHEMA_VERSION})" in (
+        result.output
+    )

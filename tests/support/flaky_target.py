@@ -5,13 +5,15 @@ method, path, headers, body) and answers each with the next step of its script:
 - `"200"` (or any status): that status, with the request's body echoed back;
 - `"drop"`: closes the connection without an answer;
 - `"429:1"` / `"503:2"`: that status with `Retry-After` seconds;
-- `"sleep:S"`: waits S seconds, then answers 200.
+- `"sleep:S"`: waits S seconds, then answers 200 (`"sleep:S:503"`: then that status);
+- `"echo"`: 200 with the request's headers as JSON (a target that echoes the credential).
 
 When the script runs out, `default` answers. It also notes deliveries that overlap: two
 requests with the same Idempotency-Key being answered at the same time."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,24 @@ class Arrival:
     headers: dict[str, str]
     body: bytes
     ended: float | None = None
+    step: str = ""  # the script's step that answered it
+
+    @property
+    def status(self) -> int | None:
+        """The status it was answered (or, the connection being gone, sent) with."""
+        return status_of(self.step)
+
+
+def status_of(step: str) -> int | None:
+    """The status a step answers with; None for `drop`."""
+    if step == "drop":
+        return None
+    if step == "echo":
+        return 200
+    if step.startswith("sleep:"):
+        parts = step.split(":")
+        return int(parts[2]) if len(parts) > 2 else 200
+    return int(step.split(":")[0])
 
 
 @dataclass
@@ -57,11 +77,14 @@ class FlakyTarget:
                 with target.lock:
                     target.arrivals.append(arrival)
                     step = target.script.pop(0) if target.script else target.default
+                    arrival.step = step
                     target._in_flight[key] = target._in_flight.get(key, 0) + 1
                     if key and target._in_flight[key] > 1:
                         target.overlaps.append(key)
                 try:
                     self.answer(step, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client is gone (a killed gateway)
                 finally:
                     with target.lock:
                         target._in_flight[key] -= 1
@@ -73,9 +96,12 @@ class FlakyTarget:
                     self.connection.close()
                     return
                 status, retry_after = step, None
-                if step.startswith("sleep:"):
-                    time.sleep(float(step.split(":")[1]))
+                if step == "echo":
+                    body = json.dumps(dict(self.headers.items())).encode()
                     status = "200"
+                elif step.startswith("sleep:"):
+                    time.sleep(float(step.split(":")[1]))
+                    status = str(status_of(step))
                 elif ":" in step:
                     status, retry_after = step.split(":")
                 self.send_response(int(status))

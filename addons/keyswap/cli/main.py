@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from keyswap.cli import (
+    async_requests,
     clients,
     config,
     dashboard,
@@ -43,6 +44,7 @@ for command in (
     log.audit,
     dashboard.dashboard,
     gateways.gateways,
+    async_requests.async_requests,
     db.db,
     proxies.proxies,
     templates.templates,

@@ -245,12 +245,15 @@ def retry(session: Session, id: str, now: str, deadline_at: str) -> str | None:
         found = session.query("select state from async_requests where id = ?", [id])
         if not found or found[0]["state"] not in ("failed", "expired"):
             return None
-        session.execute(
+        previous = str(found[0]["state"])
+        # Only from the state just read: on PostgreSQL a concurrent retry read it too, and
+        # may have queued the request (and a gateway leased it) since.
+        changed = session.execute(
             "update async_requests set state = 'queued', attempts = 0, next_attempt_at = ?,"
-            " deadline_at = ?, updated_at = ? where id = ?",
-            [now, deadline_at, now, id],
+            " deadline_at = ?, updated_at = ? where id = ? and state = ?",
+            [now, deadline_at, now, id, previous],
         )
-        return str(found[0]["state"])
+        return previous if changed == 1 else None
 
 
 def cancel(session: Session, id: str, now: str) -> bool:

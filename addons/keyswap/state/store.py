@@ -23,6 +23,8 @@ AUDIT_ACTIONS = (
     "delete",
     "reload",
     "reload-failed",
+    "async-retry",
+    "async-cancel",
 )
 
 

@@ -74,7 +74,6 @@ class AsyncStatus:
             problem.deny(flow, 404, "unknown-async-request", NOT_FOUND)
             return
         result = async_queue.public(row)
-        flow.metadata[problem.ASYNC_ID] = async_id
         flow.response = http.Response.make(
             200,
             json.dumps(result, indent=2).encode() + b"\n",

@@ -70,16 +70,16 @@ class Deliveries:
             "Async requests this gateway delivers at once.",
         )
         loader.add_option(
-            "keyswap_async_poll_s",
-            float,
-            1.0,
+            "keyswap_async_poll_ms",
+            int,
+            1000,
             "How often an idle gateway looks for due async requests (a request accepted "
             "by this gateway starts at once).",
         )
         loader.add_option(
             "keyswap_async_retention_s",
-            float,
-            7 * 86400.0,
+            int,
+            7 * 86400,
             "How long a finished async request and its result are kept, in seconds.",
         )
 
@@ -135,7 +135,7 @@ class Deliveries:
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), ctx.options.keyswap_async_poll_s)
+                await asyncio.wait_for(self._wake.wait(), ctx.options.keyswap_async_poll_ms / 1000)
 
     async def _round(self) -> bool:
         """Lease what fits and start delivering it; True when every slot was filled (so
