@@ -95,7 +95,7 @@ def start(
     )
     path = tmp / "keyswap.yaml"
     path.write_text(text)
-    extra = ["--set", "keyswap_async_poll_ms=200"]
+    extra = ["--set", "keyswap_async_poll_ms=200", "--set", "flow_detail=3"]
     gateway = start_gateway(path, tmp, db=db, extra=extra)
     return Setup(gateway, target, tokens, db or str(tmp / f"keyswap-{gateway.port}.db"))
 
@@ -272,6 +272,8 @@ def test_the_database_holds_no_target_credential_and_no_token(setup: Setup) -> N
     data = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
     assert SECRET.encode() not in data
     assert token.encode() not in data and token[3:].encode() not in data
+    output = setup.gateway.log.read_text()  # the flows mitmdump printed, the gateway's log
+    assert SECRET not in output and token[3:] not in output
 
 
 def test_health_shows_the_queue(setup: Setup) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 from mitmproxy import http
 
@@ -18,6 +19,7 @@ from keyswap.config.tokens import without_tokens
 from keyswap.gateway import delivery, problem
 from keyswap.gateway.runtime import NO_PLACES
 from keyswap.gateway.stages.auth import TOKEN_ID
+from keyswap.gateway.stages.swap import mask
 from keyswap.net import fields
 from keyswap.state import async_queue
 from keyswap.state.backends import StateError
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from keyswap.gateway.stages.deliveries import Deliveries
 
 RESULTS = "/_keyswap/requests/"
+Stored = tuple[str, list[tuple[bytes, bytes]]]  # the path and headers to store
 HELD = "keyswap.async_held"  # flow.metadata: the grant, held back from the forwarding stages
 # Not stored: how this client framed and asked (delivery frames the body itself).
 NOT_STORED = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect", b"prefer"})
@@ -54,6 +57,9 @@ class AsyncAccept:
     def __init__(self, settings: Settings, deliveries: Deliveries) -> None:
         self.settings = settings
         self.deliveries = deliveries
+        # The request to store, by held flow (a flow cut off before its body is complete
+        # is forgotten with it).
+        self._held: WeakKeyDictionary[http.HTTPFlow, Stored] = WeakKeyDictionary()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
@@ -73,6 +79,10 @@ class AsyncAccept:
         # only on a flow with a destination and a target, and this one goes nowhere now.
         meta[HELD] = (meta.pop(problem.DESTINATION), meta.pop(problem.TARGET), limit)
         request.stream = False  # the whole body, to store (bounded: see GatewayStream)
+        # What will be stored, taken now: the flow is masked next, since mitmweb shows
+        # it (and its token) while its body arrives, before it is answered.
+        self._held[flow] = self._stored_request(flow)
+        mask(flow)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if HELD not in flow.metadata or flow.response or flow.error or not flow.live:
@@ -83,6 +93,7 @@ class AsyncAccept:
         meta = flow.metadata
         _, target, limit = meta.pop(HELD)
         meta[problem.TARGET] = target  # for the row; no stage after this one forwards it
+        path, headers = self._held.pop(flow)
         request = flow.request
         body = request.raw_content or b""
         if len(body) > limit:
@@ -91,14 +102,11 @@ class AsyncAccept:
         config = self.settings.runtime.config
         proxy_id = meta[problem.PROXY]
         policy = config.proxies[proxy_id].async_
-        headers = self._stored_headers(flow)
         key = fields.get(request.headers, b"idempotency-key")
         async_id = new_request_id()
         if not key:
             key = f"keyswap-{async_id}"
             headers.append((b"idempotency-key", key.encode()))
-        path, _, query = request.path.partition("?")  # no token in the path: routing refuses one
-        query = without_tokens(query)
         now = flow.request.timestamp_start or 0.0
         try:
             await self.deliveries.call(
@@ -113,7 +121,7 @@ class AsyncAccept:
                 idempotency_key=key,
                 accepted_request_id=meta.get(problem.REQUEST_ID, ""),
                 method=request.method,
-                path=f"{path}?{query}" if query else path,
+                path=path,
                 headers=headers,
                 body=body,
             )
@@ -142,9 +150,13 @@ class AsyncAccept:
         problem.decide(flow, problem.GRANTED, f"accepted for async delivery to target '{target}'")
         problem.stamp(flow, flow.response)
 
-    def _stored_headers(self, flow: http.HTTPFlow) -> list[tuple[bytes, bytes]]:
-        """The request's headers as the target may see them (the proxy's request plan;
-        no proxy credential, nothing shaped like a token), without framing."""
+    def _stored_request(self, flow: http.HTTPFlow) -> Stored:
+        """The path as the client sent it without any parameter holding a token (routing
+        refuses a token in the path itself), and the headers as the target may see them
+        (the proxy's request plan; no proxy credential, nothing shaped like a token),
+        without framing."""
+        path, _, query = flow.request.path.partition("?")
+        query = without_tokens(query)
         runtime = self.settings.runtime
         proxy_id = flow.metadata[problem.PROXY]
         headers = flow.request.headers.copy()
@@ -159,7 +171,7 @@ class AsyncAccept:
         prefer = other_preferences(fields.get(flow.request.headers, b"prefer") or "")
         if prefer:
             kept.append((b"prefer", prefer.encode("utf-8", "surrogateescape")))
-        return kept
+        return (f"{path}?{query}" if query else path), kept
 
 
 def too_large(flow: http.HTTPFlow, limit: int) -> None:
