@@ -95,7 +95,7 @@ def start(
     )
     path = tmp / "keyswap.yaml"
     path.write_text(text)
-    extra = ["--set", "keyswap_async_poll_ms=200", "--set", "flow_detail=3"]
+    extra = ["--set", "keyswap_async_poll_ms=200", "--set", "flow_detail=2"]
     gateway = start_gateway(path, tmp, db=db, extra=extra)
     return Setup(gateway, target, tokens, db or str(tmp / f"keyswap-{gateway.port}.db"))
 
