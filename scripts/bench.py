@@ -14,7 +14,9 @@ event stream. Then the backends phase: keyswap (`serve --workers 1`) on PostgreS
 (`--db postgresql://...`, a throwaway cluster started the way the tests start theirs)
 against keyswap on its SQLite default, paired like B/A; skipped, saying so, when
 PostgreSQL is not installed. Results: bench/results.json and a table. `--only workers`
-and `--only backends` run one of those phases alone. Run it with scripts/bench (which
+and `--only backends` run one of those phases alone; so does `--only async` (the accept
+rate of `Prefer: respond-async` requests against synchronous ones, and the delivery
+rate of queued requests with `--workers 1` and 2). Run it with scripts/bench (which
 installs wrk and nginx when it can).
 """
 
@@ -204,16 +206,22 @@ def keyswap(stack: ExitStack, work: Path, name: str, config: Path, db: Path) -> 
 
 
 def keyswap_serve(
-    stack: ExitStack, work: Path, name: str, upstream: int, workers: int, db: str | None = None
+    stack: ExitStack,
+    work: Path,
+    name: str,
+    upstream: int,
+    workers: int,
+    db: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Proc:
     """`keyswap serve --workers N` (its own config; its own SQLite file unless `db` names
-    another state database), once every worker answers."""
+    another state database; `extra` mitmproxy options), once every worker answers."""
     folder = _sub(work, name)
     config = keyswap_config(folder, upstream)
     port = free_port()
     cmd = [str(BIN / "keyswap"), "serve", "--workers", str(workers), "--config", str(config)]
     cmd += ["--listen", f"127.0.0.1:{port}", "--db", db or str(folder / "keyswap.db")]
-    cmd += ["--", "-q"]
+    cmd += ["--", "-q", *extra]
     proc = Proc(stack, cmd, port, work / f"{name}.log", env={"BENCH_SECRET": "bench-target-secret"})
     pids: set[int] = set()
     deadline = time.monotonic() + 60
@@ -299,6 +307,95 @@ def backends_phase(work: Path, upstream: int, rounds: int, seconds: float) -> di
         "connections": 16,
         "note": "both pinned to one CPU; wrk, the upstream and PostgreSQL on the others",
         "rows": {"SQLite": count_rows(work / "SQLite" / "keyswap.db"), "PG": pg_rows},
+    }
+
+
+def async_phase(
+    stack: ExitStack, work: Path, upstream: int, rounds: int, seconds: float, queued: int
+) -> dict[str, Any]:
+    """Async requests. Accept: one keyswap (`serve --workers 1`, its deliveries off, so
+    that only accepting is measured) answering `Prefer: respond-async` requests (stored,
+    committed, 202) against the same requests answered synchronously, alternating rounds
+    at 16 connections. Delivery: `queued` requests stored beforehand, then
+    `serve --workers N` (1, then 2, each on a fresh SQLite file) delivers them to the
+    upstream; the rate is from the first attempt's start to the last one's end, read
+    from the activity log."""
+    from keyswap.state import async_queue, migrations
+    from keyswap.state.backends import open_backend
+    from keyswap.state.store import iso, new_request_id, unix
+
+    path, token = "/api/app3/data.json", {"x-proxy-token": TOKEN + "3"}
+    prefer = token | {"prefer": "respond-async"}
+    accepting = keyswap_serve(
+        stack, work, "async-accept", upstream, 1, extra=("--set", "keyswap_async_concurrency=0")
+    )
+    for headers in (token, prefer):  # warm-up
+        wrk(f"http://127.0.0.1:{accepting.port}{path}", 16, 1, headers)
+    rps: dict[str, list[float]] = {"sync": [], "async": []}
+    for _ in range(rounds):
+        for name, headers in (("sync", token), ("async", prefer)):
+            rps[name].append(clean_wrk(name, accepting, path, 16, seconds, headers)["rps"])
+    accepting.stop()
+    accept = {name: round(statistics.median(v), 1) for name, v in rps.items()}
+
+    delivery: dict[str, Any] = {}
+    for workers in (1, 2):
+        name = f"async-deliver-w{workers}"
+        db = _sub(work, name) / "deliver.db"
+        with open_backend(str(db)) as backend:
+            migrations.upgrade(backend)
+            now = time.time()
+            with backend.session() as session, session.transaction():
+                for _ in range(queued):
+                    async_queue.enqueue(
+                        session,
+                        id=new_request_id(),
+                        proxy_id="app3",
+                        now=iso(now),
+                        deadline_at=iso(now + 3600),
+                        max_attempts=8,
+                        idempotency_key="bench",
+                        accepted_request_id="",
+                        method="GET",
+                        path=path,
+                        headers=[],
+                        body=b"",
+                    )
+        gateway = keyswap_serve(stack, work, name, upstream, workers, db=str(db))
+        deadline = time.monotonic() + 600
+        conn = sqlite3.connect(db)
+        try:
+            while time.monotonic() < deadline:
+                [(left,)] = conn.execute(
+                    "select count(*) from async_requests where state in ('queued', 'delivering')"
+                ).fetchall()
+                if left == 0:
+                    break
+                time.sleep(0.5)
+            gateway.stop()  # a clean stop writes every row
+            states = dict(conn.execute("select state, count(*) from async_requests group by 1"))
+            times = conn.execute(
+                "select started_at, duration_ms from requests where attempts >= 1"
+            ).fetchall()
+        finally:
+            conn.close()
+        first = min(unix(started) for started, _ in times)
+        last = max(unix(started) + (ms or 0) / 1000 for started, ms in times)
+        delivery[f"W{workers}"] = {
+            "queued": queued,
+            "states": states,
+            "attempts": len(times),
+            "seconds": round(last - first, 2),
+            "per_s": round(len(times) / (last - first), 1),
+        }
+    return {
+        "connections": 16,
+        "accept_rps": accept,
+        "rounds": rps,
+        "async/sync_rps": round(accept["async"] / accept["sync"], 3),
+        "delivery": delivery,
+        "delivery_W2/W1": round(delivery["W2"]["per_s"] / delivery["W1"]["per_s"], 3),
+        "note": "nothing pinned; wrk, nginx and the gateways share the machine's cores",
     }
 
 
@@ -507,9 +604,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     p.add_argument(
         "--only",
-        choices=["workers", "backends"],
+        choices=["workers", "backends", "async"],
         help="run one phase alone: workers (keyswap serve --workers 2 vs 1 vs bare mitmdump), "
-        "backends (keyswap on PostgreSQL vs on SQLite, paired)",
+        "backends (keyswap on PostgreSQL vs on SQLite, paired), async (respond-async accept "
+        "rate vs synchronous, delivery rate with 1 and 2 workers)",
     )
     args = p.parse_args()
     duration = args.duration or (1 if args.quick else 10)
@@ -533,6 +631,14 @@ def main() -> None:
             settings = {"duration_s": duration, "rounds": rounds, "only": "backends"}
             write(args.out, stamped(args.quick, settings) | {"backends": backends})
             print(render_backends(backends))
+            print(f"\nresults: {args.out}")
+            return
+        queued = 500 if args.quick else 5000
+        if args.only == "async":
+            async_figures = async_phase(stack, work, upstream.port, rounds, duration, queued)
+            settings = {"duration_s": duration, "rounds": rounds, "only": "async"}
+            write(args.out, stamped(args.quick, settings) | {"async": async_figures})
+            print(render_async(async_figures))
             print(f"\nresults: {args.out}")
             return
         bare = mitmdump(stack, work, "A", upstream.port, [])
@@ -589,6 +695,7 @@ def main() -> None:
             stack, work, bare, upstream.port, rounds, duration, max(connections)
         )
         backends = backends_phase(work, upstream.port, rounds, duration)
+        async_figures = async_phase(stack, work, upstream.port, rounds, duration, queued)
         gateway, path, headers = setups["B"]
         log = log_check(
             gateway,
@@ -618,6 +725,8 @@ def main() -> None:
             "B-A_p99_ms_c1": round(summary["B"]["p99_ms"] - summary["A"]["p99_ms"], 3),
             f"W2/W1_rps_c{workers['connections']}": workers["W2/W1_rps"],
             f"W2/A_rps_c{workers['connections']}": workers["W2/A_rps"],
+            "async/sync_accept_rps_c16": async_figures["async/sync_rps"],
+            "async_delivery_W2/W1": async_figures["delivery_W2/W1"],
         }
         | (
             {"PG/SQLite_rps_paired": backends["PG/SQLite_rps"]} if "skipped" not in backends else {}
@@ -625,6 +734,7 @@ def main() -> None:
         "paired": pairing,
         "workers": workers,
         "backends": backends,
+        "async": async_figures,
         "log": log,
         "streaming": {k: round(v, 3) for k, v in streaming.items()},
     }
@@ -696,6 +806,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in report["ratios"].items()))
     lines.append(render_workers(report["workers"]))
     lines.append(render_backends(report["backends"]))
+    lines.append(render_async(report["async"]))
     lines.append(
         f"activity log: {report['log']['rows_recorded']} rows for "
         f"{report['log']['requests_sent']} requests"
@@ -718,6 +829,16 @@ def render_workers(w: dict[str, Any]) -> str:
         f"workers (c={w['connections']}, wrk on the same {w['cpus']} cores): "
         f"W2 keyswap --workers 2 {r['W2']:.0f} req/s, W1 --workers 1 {r['W1']:.0f}, "
         f"A bare mitmdump {r['A']:.0f}; W2/W1 {w['W2/W1_rps']}, W2/A {w['W2/A_rps']}"
+    )
+
+
+def render_async(a: dict[str, Any]) -> str:
+    r, d = a["accept_rps"], a["delivery"]
+    return (
+        f"async (c={a['connections']}): respond-async accepted {r['async']:.0f} req/s against "
+        f"{r['sync']:.0f} synchronous, async/sync {a['async/sync_rps']}; delivery of "
+        f"{d['W1']['queued']} queued: --workers 1 {d['W1']['per_s']:.0f}/s, --workers 2 "
+        f"{d['W2']['per_s']:.0f}/s, W2/W1 {a['delivery_W2/W1']}"
     )
 
 

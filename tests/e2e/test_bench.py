@@ -62,6 +62,8 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
         "B-A_p99_ms_c1",
         "W2/W1_rps_c16",
         "W2/A_rps_c16",
+        "async/sync_accept_rps_c16",
+        "async_delivery_W2/W1",
     } | ({"PG/SQLite_rps_paired"} if measured else set())
     assert len(report["paired"]["rounds"]) == 1 and report["paired"]["B/A_rps"] > 0
     workers = report["workers"]  # keyswap serve --workers 2 vs --workers 1 vs bare mitmdump
@@ -74,6 +76,11 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
         assert "keyswap on PostgreSQL" in done.stdout
     else:
         assert "backends: skipped: PostgreSQL is not installed" in done.stdout
+    accepted = report["async"]  # respond-async accept rate, delivery with 1 and 2 workers
+    assert all(v > 0 for v in accepted["accept_rps"].values())
+    for figures in accepted["delivery"].values():
+        assert figures["states"] == {"succeeded": 500} and figures["per_s"] > 0
+    assert "respond-async accepted" in done.stdout
     assert report["log"]["requests_sent"] == 500
     assert set(report["streaming"]) == {
         "download_rss_growth_mib",
