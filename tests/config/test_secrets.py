@@ -76,3 +76,16 @@ def test_urls_mask_credential_query_parameters() -> None:
     redact = Redaction(CONFIG)
     assert redact.url("https://x/y?a=1&key=query-secret-2") == "https://x/y?a=1&key=********"
     assert redact.url("https://x/y?a=1") == "https://x/y?a=1"
+
+
+def test_mask_bytes_masks_secret_values_and_tokens_in_raw_bytes() -> None:
+    redact = Redaction(CONFIG, extra={"issued-oauth-token"})
+    token = "ks_" + "A" * 43
+    raw = (
+        b'{"echo": "Bearer bearer-secret-3", "t": "'
+        + token.encode()
+        + b'", "o": "issued-oauth-token"}'
+    )
+    masked = redact.mask_bytes(raw + b"\xff")
+    assert masked == b'{"echo": "Bearer ********", "t": "********", "o": "********"}\xff'
+    assert redact.mask_bytes(b"nothing secret") == b"nothing secret"

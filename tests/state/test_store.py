@@ -1,3 +1,6 @@
+import pytest
+
+from keyswap.state import store
 from keyswap.state.backends import Backend
 from keyswap.state.queries import audit as audit_entries
 from keyswap.state.store import audit, new_request_id
@@ -18,3 +21,8 @@ def test_audit_rows_are_numbered_in_order(backend: Backend) -> None:
     assert (first["id"], first["action"], first["actor"]) == (1, "edit", "ana")
     assert second["id"] == 2 and second["actor"]  # the OS user
     assert first["detail"] == {"set": {"active": False}}
+
+
+def test_unix_reads_back_what_iso_writes() -> None:
+    for ts in (0.0, 1_800_000_000.125, 1_796_048_390.999):
+        assert store.unix(store.iso(ts)) == pytest.approx(ts, abs=0.001)
