@@ -219,6 +219,8 @@ def test_refusals_stay_synchronous_and_nothing_is_queued(setup: Setup) -> None:
     limited = setup.send("limited")
     assert limited.status_code == 429 and "retry-after" in limited.headers
     assert "location" not in wrong.headers and "location" not in limited.headers
+    upgrade = {"connection": "upgrade", "upgrade": "websocket"}
+    assert setup.send("p", method="GET", headers=upgrade).status_code == 400
     time.sleep(1.0)
     assert len(setup.target.arrivals) == 1  # only the one accepted
     queued = rows(setup.db, "select proxy_id from async_requests")

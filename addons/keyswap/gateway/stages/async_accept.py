@@ -69,6 +69,10 @@ class AsyncAccept:
             return
         if delivery.attempt_of(flow) is not None:
             return  # never stored twice (delivery leaves `respond-async` out anyway)
+        if fields.get(request.headers, b"upgrade") is not None:
+            message = "a protocol upgrade (WebSocket) needs its client: it cannot be async"
+            problem.deny(flow, 400, "bad-request", message)
+            return
         limit = self.settings.runtime.config.limits.max_async_body_bytes
         length = fields.get(request.headers, b"content-length")
         if length is not None and (not length.strip().isdigit() or int(length) > limit):
