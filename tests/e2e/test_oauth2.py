@@ -8,6 +8,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -168,6 +169,29 @@ def test_401_means_one_refresh_and_one_retry(setup: Setup) -> None:
     assert row["attempts"] == 2 and row["status"] == 200
     refresh = db_rows(setup, "select * from requests where message like 'oauth2 token refresh%'")
     assert len(refresh) == 2 and all(r["status"] == 200 for r in refresh)
+
+
+def test_an_async_delivery_refreshes_once_and_retries(setup: Setup) -> None:
+    """The delivery of a respond-async request goes through the OAuth2 stage too: the
+    token goes on at delivery, and a 401 there means one refresh and one retry."""
+    setup.get()
+    setup.admin("expire")
+    r = httpx.post(
+        f"{setup.gateway.url}/api/crm/echo/later",
+        content=b"queued body",
+        headers={"x-proxy-token": setup.token, "prefer": "respond-async"},
+    )
+    assert r.status_code == 202, r.text
+    read = {"x-proxy-token": setup.token}
+    deadline = time.monotonic() + 20
+    while (done := httpx.get(setup.gateway.url + r.headers["location"], headers=read).json())[
+        "state"
+    ] in ("queued", "delivering") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert done["state"] == "succeeded" and done["attempts"] == 1, done
+    answer = json.loads(done["response"]["body"])
+    assert answer["body"] == "queued body" and answer["token"] == "********"  # masked
+    assert calls(setup) == 2
 
 
 def test_a_post_body_is_retried_unchanged(setup: Setup) -> None:

@@ -99,7 +99,8 @@ class Deliveries:
                 "keyswap: shutting down, %d async deliveries in flight", len(self._attempts)
             )
             await asyncio.wait(set(self._attempts), timeout=ctx.options.keyswap_drain_s)
-        self._executor.shutdown(wait=True)
+        # The threads stay: until the drain (next) stops the listeners, requests are
+        # still accepted and stored through them.
 
     # -- state calls, off the event loop --------------------------------------------------
 
