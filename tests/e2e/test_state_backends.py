@@ -21,6 +21,7 @@ import pytest
 from keyswap.config.loader import load_config
 from keyswap.config.tokens import new_token
 from keyswap.state.backends import open_backend
+from keyswap.state.migrations import SCHEMA_VERSION
 from tests.e2e.test_manage import ENV, write_config
 from tests.support.postgres import Postgres
 from tests.support.processes import BIN, Gateway, free_port, start_echo_target, start_gateway
@@ -196,4 +197,7 @@ def test_a_gateway_refuses_a_database_of_a_newer_version(tmp_path: Path) -> None
         env={**os.environ, **ENV},
     )
     assert done.returncode != 0
-    assert "has schema version 9, newer than this keyswap knows (3)" in done.stdout + done.stderr
+    assert (
+        f"has schema version 9, newer than this keyswap knows ({SCHEMA_VERSION})"
+        in done.stdout + done.stderr
+    )
