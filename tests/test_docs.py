@@ -164,8 +164,9 @@ def models_in(annotation: object) -> Iterator[type[BaseModel]]:
 
 
 def field_names(model: type[BaseModel]) -> set[str]:
-    """A model's fields and those of the models nested in it."""
-    names = set(model.model_fields)
+    """A model's fields, by their YAML names (`async`, not `async_`), and those of the
+    models nested in it."""
+    names = {info.alias or name for name, info in model.model_fields.items()}
     for info in model.model_fields.values():
         for nested in models_in(info.annotation):
             names |= field_names(nested)

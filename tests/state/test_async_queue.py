@@ -410,7 +410,10 @@ def finished(session: Session, id: str, body: bytes, body_bytes: int | None = No
     put(session, id)
     [job] = [j for j in lease(session, "gw-a:1") if j.id == id]
     headers = [(b"Content-Type", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"set-cookie", b"b=2")]
-    out = Outcome("succeeded", status=200, headers=headers, body=body, body_bytes=body_bytes)
+    cut = body_bytes is not None and body_bytes > len(body)
+    out = Outcome(
+        "succeeded", status=200, headers=headers, body=body, body_bytes=body_bytes, truncated=cut
+    )
     assert async_queue.finish(session, job, "gw-a:1", at(1), f"req-{id}-1", out)
 
 
@@ -528,3 +531,11 @@ def test_two_retries_at_once_queue_the_request_once(backend: Backend) -> None:
         assert second_saw == [None]
         again = row(first, "r1")
         assert (again["state"], again["deadline_at"]) == ("queued", at(200))
+
+
+def test_a_lease_takes_only_the_proxies_named(session: Session) -> None:
+    put(session, "crm-1", proxy_id="crm")
+    put(session, "billing-1", proxy_id="billing")
+    assert async_queue.lease(session, "gw-a:1", at(0), at(30), at(-9), 10, []) == []
+    [job] = async_queue.lease(session, "gw-a:1", at(0), at(30), at(-9), 10, ["billing", "x"])
+    assert job.id == "billing-1" and row(session, "crm-1")["state"] == "queued"

@@ -123,21 +123,33 @@ def sweep(session: Session, now: str, live_since: str) -> int:
 
 
 def lease(
-    session: Session, owner: str, now: str, until: str, live_since: str, limit: int
+    session: Session,
+    owner: str,
+    now: str,
+    until: str,
+    live_since: str,
+    limit: int,
+    proxy_ids: Sequence[str] | None = None,
 ) -> list[Job]:
     """Lease up to `limit` due requests to `owner` until `until`, oldest due first: each
-    becomes `delivering`, its attempt count one higher."""
+    becomes `delivering`, its attempt count one higher. With `proxy_ids`, only requests
+    of those proxies (the ones the owner serves)."""
     skip = " for update skip locked" if session.dialect == "postgresql" else ""
+    only = ""
+    if proxy_ids is not None:
+        if not proxy_ids:
+            return []
+        only = f" and proxy_id in ({', '.join('?' * len(proxy_ids))})"
     with session.transaction():
         rows = session.query(
             "update async_requests set state = 'delivering', attempts = attempts + 1,"  # noqa: S608 (fragments of this module; values bound)
             " lease_owner = ?, lease_until = ?, updated_at = ?"
             " where id in (select id from async_requests"
             f" where ((state = 'queued' and next_attempt_at <= ?) or {_ABANDONED})"
-            f" and attempts < max_attempts order by next_attempt_at limit ?{skip})"
+            f" and attempts < max_attempts{only} order by next_attempt_at limit ?{skip})"
             " returning id, proxy_id, token_id, client_ip, attempts, max_attempts,"
             " deadline_at, idempotency_key, method, path, request_headers, request_body",
-            [owner, until, now, now, now, live_since, limit],
+            [owner, until, now, now, now, live_since, *(proxy_ids or ()), limit],
         )
     return [
         Job(
@@ -167,7 +179,8 @@ class Outcome(NamedTuple):
     status: int | None = None
     headers: Fields | None = None
     body: bytes | None = None
-    body_bytes: int | None = None
+    body_bytes: int | None = None  # the whole body's size
+    truncated: bool = False  # the body was cut at the bound (before masking)
 
 
 def finish(session: Session, job: Job, owner: str, now: str, request_id: str, out: Outcome) -> bool:
@@ -188,6 +201,7 @@ def finish(session: Session, job: Job, owner: str, now: str, request_id: str, ou
             "response_headers": fields_json(out.headers or ()),
             "response_body": out.body or b"",
             "response_bytes": out.body_bytes,
+            "response_truncated": int(out.truncated),
         }
     sets = ", ".join(f'"{column}" = ?' for column in changes)
     with session.transaction():
@@ -321,7 +335,7 @@ def public(row: dict[str, Any]) -> dict[str, Any]:
             "body": text,
             "body_encoding": encoding,
             "body_bytes": whole,
-            "truncated": whole is not None and whole > len(body),
+            "truncated": bool(row.get("response_truncated")),
         }
     return {
         "id": row["id"],

@@ -116,7 +116,8 @@ ASYNC_COLUMNS: dict[str, type] = {
     "response_status": int,
     "response_headers": str,  # JSON [[name, value], ...], as request_headers
     "response_body": bytes,
-    "response_bytes": int,  # the body's whole size; larger than response_body if truncated
+    "response_bytes": int,  # the body's whole size
+    "response_truncated": int,  # 1: response_body is its first bytes (the bound)
 }
 
 # The activity log's indexes. The columns after the first two let the database filter

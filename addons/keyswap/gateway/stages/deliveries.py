@@ -158,7 +158,13 @@ class Deliveries:
         await self.call(async_queue.sweep, iso(now), live_since)
         until = iso(now + self._lease_s())
         jobs = await self.call(
-            async_queue.lease, self.recorder.gateway_id, iso(now), until, live_since, free
+            async_queue.lease,
+            self.recorder.gateway_id,
+            iso(now),
+            until,
+            live_since,
+            free,
+            self._deliverable(),
         )
         for job in jobs:
             task = asyncio.get_running_loop().create_task(self._attempt(job))
@@ -166,6 +172,17 @@ class Deliveries:
             task.add_done_callback(self._attempts.discard)
             task.add_done_callback(lambda _: self._wake.set())
         return bool(len(jobs) == free)
+
+    def _deliverable(self) -> list[str]:
+        """The proxies whose requests this gateway delivers: those it serves (another
+        gateway on the database may serve another environment or region) and that are
+        active (a disabled proxy's requests wait, queued, until it is enabled again or
+        they expire)."""
+        runtime = self.settings.runtime
+        if runtime.loaded is None:
+            return []
+        proxies = runtime.config.proxies
+        return sorted(p for p in runtime.served if proxies[p].active)
 
     def _lease_s(self) -> float:
         """Longer than any attempt may take: the slowest target's timeouts, and time to
@@ -256,6 +273,7 @@ class Deliveries:
             "headers": headers,
             "body": redact.mask_bytes(body),
             "body_bytes": whole,
+            "truncated": whole > len(body),
         }
 
     def _log_failure(self, e: StateError) -> None:
