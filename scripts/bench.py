@@ -351,6 +351,8 @@ def async_phase(
                         session,
                         id=new_request_id(),
                         proxy_id="app3",
+                        token_id="t",
+                        token_sha256=_digest(TOKEN + "3"),
                         now=iso(now),
                         deadline_at=iso(now + 3600),
                         max_attempts=8,

@@ -4,6 +4,7 @@ names, query parameter names, secret values, the proxy token headers) and how a 
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable
 from itertools import compress
@@ -12,7 +13,7 @@ from urllib.parse import quote
 from mitmproxy import http
 from pydantic import BaseModel, SecretStr
 
-from keyswap.config.model import Config, HeaderCredential, QueryCredential
+from keyswap.config.model import BasicCredential, Config, HeaderCredential, QueryCredential
 from keyswap.config.tokens import SHAPE as TOKEN_SHAPE
 from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE_BYTES
 from keyswap.config.tokens import TOKEN_HEADERS
@@ -48,7 +49,12 @@ class Redaction:
                 elif isinstance(credential, QueryCredential):
                     params.add(credential.name)
             values = {v for v in secret_values(config) if len(v) >= 4}
+            for credential in config.credentials.values():
+                if isinstance(credential, BasicCredential):
+                    pair = f"{credential.username}:{credential.password.get_secret_value()}"
+                    values.add(base64.b64encode(pair.encode()).decode())
         values.update(v for v in extra if len(v) >= 4)
+        values |= {form for v in values for form in _written_as(v)}
         self.headers = frozenset(names)
         self.params = frozenset(params)
         self.values = sorted(values, key=len, reverse=True)
@@ -115,6 +121,22 @@ class Redaction:
         """Whether `data` holds a secret value or something shaped like a proxy token."""
         return b"ks_" in data or any(v in data for v in self._values_bytes)
 
+    @property
+    def longest(self) -> int:
+        """The longest secret value's length, in bytes (0 when there is none)."""
+        return max((len(v) for v in self._values_bytes), default=0)
+
+    def cut(self, data: bytes, limit: int) -> bytes:
+        """`data` masked, then cut to at most `limit` bytes, without the start of a
+        secret that the cut may have left at its end (a secret is masked whole or its
+        first bytes are dropped; `data` must run on past the cut by `longest` bytes)."""
+        out = self.mask_bytes(data)[:limit]
+        for value in self._values_bytes:
+            for size in range(min(len(value) - 1, len(out)), 3, -1):
+                if out.endswith(value[:size]):
+                    return out[:-size]
+        return out
+
     def mask_bytes(self, data: bytes) -> bytes:
         """`data` with every secret value and every proxy-token-shaped value masked."""
         for value in self._values_bytes:
@@ -134,6 +156,14 @@ class Redaction:
             if value in text:
                 text = text.replace(value, MASK)
         return mask_tokens(text)
+
+
+def _written_as(value: str) -> set[str]:
+    """Other spellings of a secret that an answer may hold: percent-encoded (a query
+    string echoed), JSON-escaped, base64 (with and without padding)."""
+    raw = value.encode("utf-8", "surrogateescape")
+    b64 = base64.b64encode(raw).decode()
+    return {quote(value, safe=""), json.dumps(value)[1:-1], b64, b64.rstrip("=")} - {value}
 
 
 def mask_tokens(text: str) -> str:

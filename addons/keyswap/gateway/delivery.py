@@ -41,6 +41,7 @@ class Attempt:
         self.kept = bytearray()
         self.streamed: int | None = None  # the streamed body's size, when it streamed
         self.handler: ReplayHandler | None = None
+        self.cut = False  # the attempt's time limit ended it
 
     def capture(self, chunk: bytes) -> bytes:
         """A response stream callable: keeps the first `keep` bytes, counts them all."""
@@ -69,7 +70,9 @@ def handler_of(client_id: str) -> ReplayHandler | None:
 def make_flow(job: Job) -> http.HTTPFlow:
     """The stored request as a new flow from a mock client, as HTTP/1.1."""
     now = time.time()
-    headers = list(job.headers)
+    # The request's one key, on every attempt, whatever the stored headers hold.
+    headers = [(k, v) for k, v in job.headers if k.lower() != b"idempotency-key"]
+    headers.append((b"idempotency-key", job.idempotency_key.encode()))
     if job.body or job.method in BODY_METHODS:  # framed here: the client's framing is not kept
         headers.append((b"content-length", str(len(job.body)).encode()))
     client = connection.Client(
@@ -114,6 +117,7 @@ async def run(job: Job, options: Options, keep: int, limit_s: float) -> Attempt:
     try:
         await asyncio.wait_for(handler.replay(), limit_s)
     except TimeoutError:
+        attempt.cut = True
         _close(handler)
         if flow.response is None and flow.error is None:
             flow.metadata[problem.ERROR] = f"no end to the attempt after {limit_s:.0f} s"

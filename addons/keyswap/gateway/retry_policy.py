@@ -5,6 +5,7 @@ when to give up. Pure: the deliverer supplies the attempt's result and the clock
 from __future__ import annotations
 
 import random
+import re
 from email.utils import parsedate_to_datetime
 from typing import Literal, NamedTuple
 
@@ -21,6 +22,7 @@ RETRY_AFTER_MAX_S = 3600.0
 RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
 Verdict = Literal["retry", "done", "refused"]
+_SECONDS = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() takes "²"
 
 
 def verdict(status: int | None, gateway_made: bool, code: str | None) -> Verdict:
@@ -49,7 +51,7 @@ def retry_after_s(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _SECONDS.fullmatch(value):
         seconds = float(value)
     else:
         try:

@@ -43,6 +43,7 @@ class Job(NamedTuple):
     id: str
     proxy_id: str
     token_id: str | None
+    token_sha256: str | None
     client_ip: str | None
     attempt: int  # this attempt's number, from 1
     max_attempts: int
@@ -69,6 +70,7 @@ def enqueue(
     headers: Fields,
     body: bytes,
     token_id: str | None = None,
+    token_sha256: str | None = None,
     client_ip: str | None = None,
 ) -> None:
     """Store an accepted request, due at once. Committed when this returns."""
@@ -76,6 +78,7 @@ def enqueue(
         "id": id,
         "proxy_id": proxy_id,
         "token_id": token_id,
+        "token_sha256": token_sha256,
         "client_ip": client_ip,
         "state": "queued",
         "created_at": now,
@@ -147,7 +150,7 @@ def lease(
             " where id in (select id from async_requests"
             f" where ((state = 'queued' and next_attempt_at <= ?) or {_ABANDONED})"
             f" and attempts < max_attempts{only} order by next_attempt_at limit ?{skip})"
-            " returning id, proxy_id, token_id, client_ip, attempts, max_attempts,"
+            " returning id, proxy_id, token_id, token_sha256, client_ip, attempts, max_attempts,"
             " deadline_at, idempotency_key, method, path, request_headers, request_body",
             [owner, until, now, now, now, live_since, *(proxy_ids or ()), limit],
         )
@@ -156,6 +159,7 @@ def lease(
             id=r["id"],
             proxy_id=r["proxy_id"],
             token_id=r["token_id"],
+            token_sha256=r["token_sha256"],
             client_ip=r["client_ip"],
             attempt=int(r["attempts"]),
             max_attempts=int(r["max_attempts"]),
@@ -195,6 +199,8 @@ def finish(session: Session, job: Job, owner: str, now: str, request_id: str, ou
         "last_error": out.error,
         "next_attempt_at": out.next_attempt_at or now,
     }
+    if out.state == "succeeded":
+        changes["request_body"] = None  # delivered: only a failed or expired one is retried
     if out.status is not None:
         changes |= {
             "response_status": out.status,
@@ -275,7 +281,8 @@ def cancel(session: Session, id: str, now: str) -> bool:
     with session.transaction():
         changed = session.execute(
             "update async_requests set state = 'cancelled', updated_at = ?,"
-            " last_error = 'cancelled from the command line' where id = ? and state = 'queued'",
+            " last_error = 'cancelled from the command line', request_body = null"
+            " where id = ? and state = 'queued'",
             [now, id],
         )
     return changed == 1

@@ -91,6 +91,7 @@ ASYNC_COLUMNS: dict[str, type] = {
     "id": str,  # also the path of its result: /_keyswap/requests/<id>
     "proxy_id": str,
     "token_id": str,  # the proxy token that asked
+    "token_sha256": str,  # its digest (as the config holds it): a revoked token's requests stop
     "client_ip": str,  # the client that asked
     "state": str,  # queued, delivering, succeeded, failed, expired, cancelled
     "created_at": str,  # ISO 8601 UTC, as every time here

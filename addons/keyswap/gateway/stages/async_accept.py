@@ -8,6 +8,7 @@ at delivery. It is committed before the 202 is sent."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
@@ -18,7 +19,7 @@ from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE
 from keyswap.config.tokens import without_tokens
 from keyswap.gateway import delivery, problem
 from keyswap.gateway.runtime import NO_PLACES
-from keyswap.gateway.stages.auth import TOKEN_ID
+from keyswap.gateway.stages.auth import TOKEN_ID, TOKEN_SHA256
 from keyswap.gateway.stages.swap import mask
 from keyswap.net import fields
 from keyswap.state import async_queue
@@ -30,10 +31,26 @@ if TYPE_CHECKING:
     from keyswap.gateway.stages.deliveries import Deliveries
 
 RESULTS = "/_keyswap/requests/"
-Stored = tuple[str, list[tuple[bytes, bytes]]]  # the path and headers to store
+Stored = tuple[str, list[tuple[bytes, bytes]], str | None]  # path, headers, client's key
 HELD = "keyswap.async_held"  # flow.metadata: the grant, held back from the forwarding stages
-# Not stored: how this client framed and asked (delivery frames the body itself).
-NOT_STORED = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect", b"prefer"})
+# Not stored: how this client framed and asked (delivery frames the body itself and puts
+# the request's Idempotency-Key on every attempt), and what it accepts in return: a
+# result is read as JSON, and a compressed answer could hide an echoed secret from the
+# masking.
+NOT_STORED = frozenset(
+    {
+        b"host",
+        b"transfer-encoding",
+        b"content-length",
+        b"expect",
+        b"prefer",
+        b"idempotency-key",
+        b"accept-encoding",
+    }
+)
+# An Idempotency-Key a client may choose: printable ASCII, as the IETF draft's examples
+# and every API that takes one; at most 255 characters.
+_KEY = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")
 
 
 def prefers_async(prefer: str | None) -> bool:
@@ -73,6 +90,11 @@ class AsyncAccept:
             message = "a protocol upgrade (WebSocket) needs its client: it cannot be async"
             problem.deny(flow, 400, "bad-request", message)
             return
+        key = fields.get(request.headers, b"idempotency-key")
+        if key is not None and (not _KEY.fullmatch(key) or TOKEN_SHAPE.search(key.encode())):
+            message = "an Idempotency-Key is 1 to 255 printable ASCII characters, not a token"
+            problem.deny(flow, 400, "bad-request", message)
+            return
         limit = self.settings.runtime.config.limits.max_async_body_bytes
         length = fields.get(request.headers, b"content-length")
         if length is not None and (not length.strip().isdigit() or int(length) > limit):
@@ -97,7 +119,7 @@ class AsyncAccept:
         meta = flow.metadata
         _, target, limit = meta.pop(HELD)
         meta[problem.TARGET] = target  # for the row; no stage after this one forwards it
-        path, headers = self._held.pop(flow)
+        path, headers, key = self._held.pop(flow)
         request = flow.request
         body = request.raw_content or b""
         if len(body) > limit:
@@ -106,11 +128,8 @@ class AsyncAccept:
         config = self.settings.runtime.config
         proxy_id = meta[problem.PROXY]
         policy = config.proxies[proxy_id].async_
-        key = fields.get(request.headers, b"idempotency-key")
         async_id = new_request_id()
-        if not key:
-            key = f"keyswap-{async_id}"
-            headers.append((b"idempotency-key", key.encode()))
+        key = key or f"keyswap-{async_id}"
         now = flow.request.timestamp_start or 0.0
         try:
             await self.deliveries.call(
@@ -118,6 +137,7 @@ class AsyncAccept:
                 id=async_id,
                 proxy_id=proxy_id,
                 token_id=meta.get(TOKEN_ID),
+                token_sha256=meta.get(TOKEN_SHA256),
                 client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else None,
                 now=iso(now),
                 deadline_at=iso(now + policy.max_age_s),
@@ -167,15 +187,13 @@ class AsyncAccept:
         runtime.header_plans[proxy_id][0].apply(headers)
         place = runtime.token_places.get(proxy_id, NO_PLACES).header  # where its token may be
         dropped = NOT_STORED | ({place} if place is not None else set())
-        kept = [
-            (k, v)
-            for k, v in headers.fields
-            if k.lower() not in dropped and not TOKEN_SHAPE.search(v)
-        ]
+        stored = [(k, v) for k, v in headers.fields if k.lower() not in dropped]
         prefer = other_preferences(fields.get(flow.request.headers, b"prefer") or "")
         if prefer:
-            kept.append((b"prefer", prefer.encode("utf-8", "surrogateescape")))
-        return (f"{path}?{query}" if query else path), kept
+            stored.append((b"prefer", prefer.encode("utf-8", "surrogateescape")))
+        kept = [(k, v) for k, v in stored if not TOKEN_SHAPE.search(v)]  # last: whatever came
+        key = fields.get(flow.request.headers, b"idempotency-key")
+        return (f"{path}?{query}" if query else path), kept, key
 
 
 def too_large(flow: http.HTTPFlow, limit: int) -> None:

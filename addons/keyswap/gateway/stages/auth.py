@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
 
 TOKEN_ID = "keyswap.token_id"
+TOKEN_SHA256 = "keyswap.token_sha256"  # the token's digest, as the config holds it
 CHALLENGE = {"www-authenticate": 'Bearer realm="keyswap"'}
 INVALID = {"www-authenticate": 'Bearer realm="keyswap", error="invalid_token"'}
 MISSING = (
@@ -94,11 +95,18 @@ class Authenticate:
         if (attempt := delivery.attempt_of(flow)) is not None:
             # An async request's delivery: authenticated when it was accepted, by the
             # token it names; its path must still route to that token's proxy.
-            if attempt.job.proxy_id != proxy_id:
+            job = attempt.job
+            if job.proxy_id != proxy_id:
                 message = f"the path now routes to proxy '{proxy_id}', not the one that accepted it"
                 problem.deny(flow, 403, "async-proxy-changed", message)
                 return
-            flow.metadata[TOKEN_ID] = attempt.job.token_id
+            # Still one of the proxy's tokens: rotating or deleting a (leaked) token also
+            # stops what it queued.
+            if runtime.tokens.get(job.token_sha256 or "") != (proxy_id, job.token_id):
+                message = "the token that sent this request was rotated or deleted since"
+                problem.deny(flow, 401, "token-revoked", message)
+                return
+            flow.metadata[TOKEN_ID] = job.token_id
             return
         places = runtime.token_places.get(proxy_id, NO_PLACES)
         # The path as sent (the rewrite comes later), read only by a proxy whose token
@@ -110,8 +118,10 @@ class Authenticate:
             return
         # Only a value shaped like a token can be one: every place that keeps a token
         # from the target, the log and the stored flow recognises it by that shape.
-        owner = runtime.tokens.get(digest(token)) if SHAPE.fullmatch(token) else None
+        sha256 = digest(token) if SHAPE.fullmatch(token) else None
+        owner = runtime.tokens.get(sha256) if sha256 else None
         if owner is None or owner[0] != proxy_id:
             problem.deny(flow, 401, "wrong-token", "the token is not valid for this proxy", INVALID)
             return
         flow.metadata[TOKEN_ID] = owner[1]
+        flow.metadata[TOKEN_SHA256] = sha256

@@ -195,11 +195,18 @@ class Deliveries:
 
     async def _attempt(self, job: Job) -> None:
         """One attempt, and its outcome written (unless the lease was lost meanwhile)."""
+        # Kept: the bound, and as much again as the longest secret, so that one cut by the
+        # bound is still whole when the masking looks for it.
         keep = self.settings.runtime.config.limits.max_async_body_bytes
+        keep += self.recorder.redaction().longest
         try:
             attempt = await delivery.run(job, ctx.options, keep, self._lease_s() - 5)
             self.delivered += 1
-            outcome = self.outcome(job, attempt, time.time())
+            try:
+                outcome = self.outcome(job, attempt, time.time())
+            except Exception:
+                logger.exception("keyswap: judging async request %s's answer failed", job.id)
+                outcome = self._retry(job, "keyswap could not judge the answer", None, time.time())
             request_id = attempt.flow.metadata.get(problem.REQUEST_ID, "")
             owner = self.recorder.gateway_id or ""
             kept = await self.call(
@@ -228,28 +235,41 @@ class Deliveries:
         flow = attempt.flow
         meta = flow.metadata
         response = flow.response
-        gateway_made = bool(meta.get(problem.ANSWERED))
-        status = response.status_code if response is not None else None
         code = meta.get(problem.CODE)
+        gateway_made = bool(meta.get(problem.ANSWERED)) or code == problem.PROXY_ERROR
         redact = self.recorder.redaction()
         error = meta.get(problem.ERROR) or (flow.error.msg if flow.error else None)
+        # An answer that broke off, or that the attempt's time limit cut, is no answer:
+        # the call may not have been handled; it is tried again.
+        if response is not None and (attempt.cut or flow.error is not None):
+            reason = redact.text(f"the target's answer broke off: {error or 'cut'}")
+            return self._retry(job, reason, None, now)
+        status = response.status_code if response is not None else None
         kept: dict[str, Any] = {}
         if response is not None and not gateway_made:
             kept = self._response(attempt, response, redact)
         verdict = retry_policy.verdict(status, gateway_made, code)
         if verdict == "done":
             return Outcome("succeeded", **kept)
-        reason = meta.get(problem.MESSAGE) or (f"HTTP {status}" if status else None) or error
-        reason = redact.text(str(reason or "the attempt failed"))
+        reason = meta.get(problem.MESSAGE) or error or "the attempt failed"
         if not gateway_made and status is not None:
             reason = f"the target answered {status}"
+        reason = redact.text(str(reason))
         if verdict == "refused":
             return Outcome("failed", error=reason, **kept)
         wait = retry_policy.retry_after_s(
             response.headers.get("retry-after") if response is not None else None, now
         )
+        return self._retry(job, reason, wait, now, **kept)
+
+    def _retry(
+        self, job: Job, reason: str, retry_after: float | None, now: float, **kept: Any
+    ) -> Outcome:
+        """A failed attempt: queued again after the backoff, or the end (failed, expired)."""
         deadline = unix(job.deadline_at)
-        after = retry_policy.after_failure(job.attempt, job.max_attempts, deadline, now, wait)
+        after = retry_policy.after_failure(
+            job.attempt, job.max_attempts, deadline, now, retry_after
+        )
         return Outcome(
             after.state,
             next_attempt_at=iso(after.at) if after.at is not None else None,
@@ -260,20 +280,33 @@ class Deliveries:
     def _response(
         self, attempt: delivery.Attempt, response: http.Response, redact: Redaction
     ) -> dict[str, Any]:
-        """The target's answer as stored: headers and the body's first bytes (the
-        configured bound), every secret masked."""
+        """The target's answer as stored: headers and the body's first bytes (up to the
+        configured bound), every secret masked, and masked before the cut. A compressed
+        body is stored decoded (the masking must see its text); one that cannot be
+        decoded here (streamed, or broken) is not stored."""
+        limit = self.settings.runtime.config.limits.max_async_body_bytes
+        fields = list(response.headers.fields)
         if attempt.streamed is not None:
             body, whole = bytes(attempt.kept), attempt.streamed
         else:
-            raw = response.raw_content or b""
-            body, whole = raw[: attempt.keep], len(raw)
-        headers = [(k, redact.mask_bytes(v)) for k, v in response.headers.fields]
+            body = response.raw_content or b""
+            whole = len(body)
+        encoded = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoded not in ("", "identity"):
+            decoded = None
+            if attempt.streamed is None:
+                with contextlib.suppress(ValueError):
+                    decoded = response.get_content(strict=True)
+            body, whole = (decoded, len(decoded)) if decoded is not None else (b"", whole)
+            drop = (b"content-encoding", b"content-length")
+            fields = [(k, v) for k, v in fields if k.lower() not in drop]
+        stored = redact.cut(body, limit)
         return {
             "status": response.status_code,
-            "headers": headers,
-            "body": redact.mask_bytes(body),
+            "headers": [(k, redact.mask_bytes(v)) for k, v in fields],
+            "body": stored,
             "body_bytes": whole,
-            "truncated": whole > len(body),
+            "truncated": whole > len(body) or len(body) > limit or (whole > 0 and not body),
         }
 
     def _log_failure(self, e: StateError) -> None:
