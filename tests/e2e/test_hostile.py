@@ -355,6 +355,36 @@ def test_a_huge_head_is_cut_at_the_limit_and_memory_stays_flat(stage: Stage) -> 
     assert stage.target.everything == b""
 
 
+def test_a_refused_requests_huge_body_is_cut_off_and_memory_stays_flat(stage: Stage) -> None:
+    """No token, a body of 10 GB declared, `Expect: 100-continue`: no 100 invites it,
+    and what comes anyway is answered 401 and dropped after 64 KiB, not kept."""
+    head = b"\r\n".join(
+        [
+            b"POST /api/p/x HTTP/1.1",
+            b"Host: gw",
+            b"Content-Length: 10000000000",
+            b"Expect: 100-continue",
+            b"",
+            b"",
+        ]
+    )
+    before = stage.gateway.rss_kib()
+    with socket.create_connection(("127.0.0.1", stage.gateway.port), timeout=10) as s:
+        s.sendall(head)
+        s.settimeout(1)
+        with contextlib.suppress(TimeoutError):
+            assert not s.recv(100).startswith(b"HTTP/1.1 100")
+        s.settimeout(10)
+        with contextlib.suppress(OSError):
+            for _ in range(1600):  # 100 MiB, as long as the gateway reads
+                s.sendall(b"x" * 65536)
+        with contextlib.suppress(OSError):
+            assert s.recv(100).startswith(b"HTTP/1.1 401")
+    growth_mib = (stage.gateway.rss_kib() - before) / 1024
+    assert growth_mib < 20, f"RSS grew {growth_mib:.1f} MiB for a refused 100 MiB body"
+    assert stage.target.everything == b""
+
+
 def test_a_head_that_trickles_in_is_refused_408(stage: Stage) -> None:
     """Slowloris: each byte arrives in time for the idle timeout, the head never does."""
     stage.target.clear()

@@ -156,7 +156,10 @@ def deny(
     headers: dict[str, str] | None = None,
 ) -> None:
     """Refuse the request: the client gets a problem response, the target nothing."""
-    # mitmproxy cannot answer while streaming the upload on; the body is read and dropped.
+    # mitmproxy answers once the body is in: a small one is read, a large one cut off
+    # (see GatewayStream.check_body_size); no `100 Continue` invites it.
     flow.request.stream = False
+    if "expect" in flow.request.headers:
+        del flow.request.headers["expect"]
     flow.response = make(flow, status, reason, message, headers)
     flow.metadata[ANSWERED] = True

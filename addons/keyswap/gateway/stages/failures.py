@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TIMED_OUT = "keyswap.timed_out"
+# A refused request's body is read (and dropped) up to this size, so that the connection
+# stays open for the next request; past it, the answer is sent and the connection closed.
+DISCARD_AFTER = 64 * 1024
 # Response deadlines are checked this often: one timer for all flows instead of one
 # timer per request (an asyncio timer costs the loop more than the check).
 SWEEP_INTERVAL_S = 0.1
@@ -153,18 +156,23 @@ class GatewayStream(http_layers.HttpStream):
         return _with_secrets(self, super().state_consume_request_body(event))
 
     def check_body_size(self, request: bool) -> Generator[Any, Any, bool]:
-        # A respond-async request's body is held to store it: past its bound it is
-        # refused at once (413), not read to the end.
+        # mitmproxy reads a request's whole body before it answers, into memory. Two
+        # bodies are cut off instead, answered at once, the connection then closed: one
+        # whose request is refused already (past what a keep-alive is worth), and a
+        # respond-async body past its bound (413).
         flow: http.HTTPFlow | None = getattr(self, "flow", None)
-        held = flow.metadata.get(HELD) if request and flow is not None else None
-        if flow is not None and held is not None and len(self.request_body_buf) > held[2]:
-            self.request_body_buf.clear()
+        if not request or flow is None or not self.request_body_buf:
+            return (yield from super().check_body_size(request))
+        held = flow.metadata.get(HELD)
+        if held is not None and len(self.request_body_buf) > held[2]:
             del flow.metadata[HELD]
             too_large(flow, held[2])
-            self.client_state = self.state_errored
-            yield from self.send_response()
-            return True
-        return (yield from super().check_body_size(request))
+        elif not (flow.response is not None and len(self.request_body_buf) > DISCARD_AFTER):
+            return (yield from super().check_body_size(request))
+        self.request_body_buf.clear()
+        self.client_state = self.state_errored
+        yield from self.send_response()
+        return True
 
     def make_server_connection(self) -> Generator[Any, Any, bool]:
         # mitmproxy's, but with a request that matches only connections of the same key:
