@@ -81,7 +81,12 @@ class Setup:
 
 
 def start(
-    tmp: Path, db: str | None, script: list[str], attempts: int = 5, max_age: float = 3600
+    tmp: Path,
+    db: str | None,
+    script: list[str],
+    attempts: int = 5,
+    max_age: float = 3600,
+    extra: list[str] | None = None,
 ) -> Setup:
     target = FlakyTarget(script=list(script))
     tokens = {name: new_token() for name in ("p", "other", "limited", "corp")}
@@ -95,8 +100,8 @@ def start(
     )
     path = tmp / "keyswap.yaml"
     path.write_text(text)
-    extra = ["--set", "keyswap_async_poll_ms=200", "--set", "flow_detail=2"]
-    gateway = start_gateway(path, tmp, db=db, extra=extra)
+    options = ["--set", "keyswap_async_poll_ms=200", "--set", "flow_detail=2", *(extra or [])]
+    gateway = start_gateway(path, tmp, db=db, extra=options)
     return Setup(gateway, target, tokens, db or str(tmp / f"keyswap-{gateway.port}.db"))
 
 
@@ -257,6 +262,19 @@ def test_a_body_over_the_bound_is_413_declared_or_chunked(setup: Setup) -> None:
     time.sleep(0.5)
     assert all(len(a.body) < 100 for a in setup.target.arrivals)
     assert len(rows(setup.db, "select id from async_requests")) == 1
+
+
+def test_a_full_queue_refuses_new_requests_503(tmp_path: Path) -> None:
+    s = start(tmp_path, None, [], extra=["--set", "keyswap_async_max_queued=3"])
+    try:
+        s.target.default = "503:60"  # nothing is delivered: the queue stays full
+        assert [s.send("p").status_code for _ in range(3)] == [202, 202, 202]
+        full = s.send("p")
+        assert full.status_code == 503 and full.json()["error"]["code"] == "async-queue-full"
+        assert s.send("other").status_code == 202  # the bound is per proxy
+    finally:
+        s.gateway.stop()
+        s.target.close()
 
 
 def test_the_database_holds_no_target_credential_and_no_token(setup: Setup) -> None:

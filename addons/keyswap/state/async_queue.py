@@ -297,6 +297,15 @@ def prune(session: Session, before: str) -> int:
     )
 
 
+def backlog(session: Session) -> dict[str, int]:
+    """Requests not yet done (queued or being delivered), by proxy."""
+    rows = session.query(
+        "select proxy_id, count(*) as n from async_requests"
+        " where state in ('queued', 'delivering') group by proxy_id"
+    )
+    return {r["proxy_id"]: int(r["n"]) for r in rows}
+
+
 def figures(session: Session, now: str, hour_ago: str) -> dict[str, Any]:
     """The queue at a glance: depth, the oldest queued request's creation time,
     deliveries in progress, failures (failed or expired) in the last hour."""

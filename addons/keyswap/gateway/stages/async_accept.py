@@ -95,6 +95,10 @@ class AsyncAccept:
             message = "an Idempotency-Key is 1 to 255 printable ASCII characters, not a token"
             problem.deny(flow, 400, "bad-request", message)
             return
+        if self.deliveries.full(flow.metadata[problem.PROXY]):
+            message = "this proxy's async queue is full; try again later"
+            problem.deny(flow, 503, "async-queue-full", message, {"retry-after": "30"})
+            return
         limit = self.settings.runtime.config.limits.max_async_body_bytes
         length = fields.get(request.headers, b"content-length")
         if length is not None and (not length.strip().isdigit() or int(length) > limit):
@@ -155,7 +159,7 @@ class AsyncAccept:
                 message = "the request could not be stored for async delivery; try again shortly"
                 problem.deny(flow, 503, "async-unavailable", message, {"retry-after": "1"})
             return
-        self.deliveries.wake()
+        self.deliveries.accepted(proxy_id)
         location = RESULTS + async_id
         meta[problem.ASYNC_ID] = async_id
         meta[problem.ASYNC_ATTEMPT] = 0

@@ -58,6 +58,10 @@ class Deliveries:
         self._stopping = False
         self._figures: dict[str, Any] = {}
         self._figures_at = 0.0
+        # Requests not yet done, by proxy, as of the last look (plus those accepted here
+        # since): what the queue bound and the fair share of the slots are judged by.
+        self.backlog: dict[str, int] = {}
+        self._in_flight: dict[str, int] = {}  # this gateway's attempts, by proxy
         self._next_prune = 0.0
         self._last_log = -LOG_EVERY_S
         self.delivered = 0  # attempts this process made
@@ -68,6 +72,13 @@ class Deliveries:
             int,
             16,
             "Async requests this gateway delivers at once.",
+        )
+        loader.add_option(
+            "keyswap_async_max_queued",
+            int,
+            10000,
+            "Async requests of one proxy not yet delivered, at most: past it, new ones are "
+            "refused 503 (the queue is full) until it drains.",
         )
         loader.add_option(
             "keyswap_async_poll_ms",
@@ -120,6 +131,16 @@ class Deliveries:
         """A request was accepted here: look for due requests now."""
         self._wake.set()
 
+    def full(self, proxy_id: str) -> bool:
+        """Whether the proxy's queue is at its bound (`keyswap_async_max_queued`)."""
+        bound: int = ctx.options.keyswap_async_max_queued
+        return self.backlog.get(proxy_id, 0) >= bound
+
+    def accepted(self, proxy_id: str) -> None:
+        """Count a request accepted here until the next look at the database."""
+        self.backlog[proxy_id] = self.backlog.get(proxy_id, 0) + 1
+        self.wake()
+
     # -- the delivery loop ----------------------------------------------------------------
 
     async def _deliver_forever(self) -> None:
@@ -151,6 +172,7 @@ class Deliveries:
         if now - self._figures_at >= FIGURES_EVERY_S:
             self._figures_at = now
             self._figures = await self.call(async_queue.figures, iso(now), iso(now - 3600))
+            self.backlog = await self.call(async_queue.backlog)
         free = ctx.options.keyswap_async_concurrency - len(self._attempts)
         if free <= 0:
             return False
@@ -167,6 +189,7 @@ class Deliveries:
             self._deliverable(),
         )
         for job in jobs:
+            self._in_flight[job.proxy_id] = self._in_flight.get(job.proxy_id, 0) + 1
             task = asyncio.get_running_loop().create_task(self._attempt(job))
             self._attempts.add(task)
             task.add_done_callback(self._attempts.discard)
@@ -182,7 +205,15 @@ class Deliveries:
         if runtime.loaded is None:
             return []
         proxies = runtime.config.proxies
-        return sorted(p for p in runtime.served if proxies[p].active)
+        deliverable = {p for p in runtime.served if proxies[p].active}
+        # A fair share: while another proxy has requests waiting, one proxy's backlog
+        # (a slow target, thousands queued) holds at most half of the slots.
+        share = max(1, ctx.options.keyswap_async_concurrency // 2)
+        for p in list(deliverable):
+            waiting = any(n for q, n in self.backlog.items() if q != p and q in deliverable)
+            if waiting and self._in_flight.get(p, 0) >= share:
+                deliverable.discard(p)
+        return sorted(deliverable)
 
     def _lease_s(self) -> float:
         """Longer than any attempt may take: the slowest target's timeouts, and time to
@@ -195,6 +226,12 @@ class Deliveries:
 
     async def _attempt(self, job: Job) -> None:
         """One attempt, and its outcome written (unless the lease was lost meanwhile)."""
+        try:
+            await self._attempt_once(job)
+        finally:
+            self._in_flight[job.proxy_id] -= 1
+
+    async def _attempt_once(self, job: Job) -> None:
         # Kept: the bound, and as much again as the longest secret, so that one cut by the
         # bound is still whole when the masking looks for it.
         keep = self.settings.runtime.config.limits.max_async_body_bytes
