@@ -6,7 +6,8 @@ method, path, headers, body) and answers each with the next step of its script:
 - `"drop"`: closes the connection without an answer;
 - `"429:1"` / `"503:2"`: that status with `Retry-After` seconds;
 - `"sleep:S"`: waits S seconds, then answers 200 (`"sleep:S:503"`: then that status);
-- `"echo"`: 200 with the request's headers as JSON (a target that echoes the credential).
+- `"echo"`: 200 with the request's headers as JSON (a target that echoes the credential);
+- `"hold"`: waits until `gate` is set (at most a minute), then answers 200.
 
 When the script runs out, `default` answers. It also notes deliveries that overlap: two
 requests with the same Idempotency-Key being answered at the same time."""
@@ -40,12 +41,20 @@ def status_of(step: str) -> int | None:
     """The status a step answers with; None for `drop`."""
     if step == "drop":
         return None
-    if step == "echo":
+    if step in ("echo", "hold"):
         return 200
     if step.startswith("sleep:"):
         parts = step.split(":")
         return int(parts[2]) if len(parts) > 2 else 200
     return int(step.split(":")[0])
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Dozens of gateway connections at once: with the default listen backlog (5) the
+    # kernel drops SYNs and a connect waits for the retransmission (1 s, then 3 s),
+    # past a short connect_timeout_s.
+    request_queue_size = 256
 
 
 @dataclass
@@ -57,6 +66,7 @@ class FlakyTarget:
         self.arrivals: list[Arrival] = []
         self.overlaps: list[str] = []  # idempotency keys delivered twice at once
         self.lock = threading.Lock()
+        self.gate = threading.Event()  # what `hold` waits for
         self._in_flight: dict[str, int] = {}
         target = self
 
@@ -99,6 +109,9 @@ class FlakyTarget:
                 if step == "echo":
                     body = json.dumps(dict(self.headers.items())).encode()
                     status = "200"
+                elif step == "hold":
+                    target.gate.wait(60)
+                    status = "200"
                 elif step.startswith("sleep:"):
                     time.sleep(float(step.split(":")[1]))
                     status = str(status_of(step))
@@ -117,8 +130,7 @@ class FlakyTarget:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
