@@ -53,6 +53,9 @@ class AsyncStatus:
             problem.deny(flow, 401, "wrong-token", message, INVALID)
             return None
         flow.metadata[problem.PROXY], flow.metadata[TOKEN_ID] = owner
+        if not self.settings.runtime.config.proxies[owner[0]].active:
+            problem.deny(flow, 403, "inactive", f"proxy '{owner[0]}' is disabled")
+            return None
         async_id = path[len(RESULTS) :]
         if not _ID.fullmatch(async_id):
             problem.deny(flow, 404, "unknown-async-request", NOT_FOUND)
