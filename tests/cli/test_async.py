@@ -71,7 +71,7 @@ def answered(backend: Backend, id: str, body: bytes, headers: async_queue.Fields
     """A stored request delivered once: leased, and its outcome written."""
     put(backend, id, created=NOW - 60)
     with backend.session() as session:
-        [job] = async_queue.lease(session, "gw", iso(NOW), iso(NOW + 30), iso(NOW - 9), 10)
+        [job] = async_queue.lease(session, "gw", iso(NOW), iso(NOW + 30), 10)
         out = Outcome("succeeded", status=200, headers=headers, body=body, body_bytes=len(body))
         assert async_queue.finish(session, job, "gw", iso(NOW), f"req-{id}-1", out)
 

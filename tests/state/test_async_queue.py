@@ -87,9 +87,8 @@ def lease(
     """`owner` leases at `now`; with `beat`, it is live then (its heartbeat)."""
     if beat:
         live(session, owner, seen=now)
-    return async_queue.lease(
-        session, owner, at(now), at(now + lease_s), at(now - LIVE_S), limit=limit
-    )
+    async_queue.sweep(session, at(now), at(now - LIVE_S))  # as the gateway, before each lease
+    return async_queue.lease(session, owner, at(now), at(now + lease_s), limit=limit)
 
 
 def row(session: Session, id: str) -> dict[str, Any]:
@@ -272,7 +271,7 @@ def test_sweep_expires_and_fails_what_can_no_longer_be_delivered(session: Sessio
     given(session, "leased-late-live", last_error="502 from the target")
     live(session, "gw-a:1", seen=100)
 
-    assert async_queue.sweep(session, at(100), at(100 - LIVE_S)) == 3
+    assert async_queue.sweep(session, at(100), at(100 - LIVE_S)) == 4
     states = {r["id"]: r for r in async_queue.listing(session)}
     assert {id: r["state"] for id, r in states.items()} == {
         "queued-late": "expired",
@@ -281,13 +280,15 @@ def test_sweep_expires_and_fails_what_can_no_longer_be_delivered(session: Sessio
         "leased-late-live": "delivering",  # its holder may still finish it
         "last-gone": "failed",
         "last-live": "delivering",
-        "not-last-gone": "delivering",  # left for another lease
+        "not-last-gone": "queued",  # due again at once, for another lease
         "done-late": "succeeded",
     }
     assert states["queued-late"]["last_error"] == "no attempt was made in time"
     assert states["last-gone"]["last_error"] == (
         "the gateway making the last attempt stopped during it"
     )
+    requeued = states["not-last-gone"]
+    assert (requeued["next_attempt_at"], requeued["attempts"]) == (at(100), 1)
     for id in ("queued-late", "leased-late-gone", "last-gone"):
         ended = row(session, id)
         assert (ended["updated_at"], ended["lease_owner"], ended["lease_until"]) == (
@@ -537,6 +538,6 @@ def test_two_retries_at_once_queue_the_request_once(backend: Backend) -> None:
 def test_a_lease_takes_only_the_proxies_named(session: Session) -> None:
     put(session, "crm-1", proxy_id="crm")
     put(session, "billing-1", proxy_id="billing")
-    assert async_queue.lease(session, "gw-a:1", at(0), at(30), at(-9), 10, []) == []
-    [job] = async_queue.lease(session, "gw-a:1", at(0), at(30), at(-9), 10, ["billing", "x"])
+    assert async_queue.lease(session, "gw-a:1", at(0), at(30), 10, []) == []
+    [job] = async_queue.lease(session, "gw-a:1", at(0), at(30), 10, ["billing", "x"])
     assert job.id == "billing-1" and row(session, "crm-1")["state"] == "queued"

@@ -108,21 +108,30 @@ _ABANDONED = (
 
 def sweep(session: Session, now: str, live_since: str) -> int:
     """End what can no longer be delivered: requests past their deadline (`expired`),
-    and abandoned attempts that were the last allowed (`failed`). How many it ended."""
-    ended = session.execute(
+    and abandoned attempts that were the last allowed (`failed`); queue the other
+    abandoned ones again, due at once. How many it changed."""
+    changed = session.execute(
         "update async_requests set state = 'expired', updated_at = ?, lease_owner = null,"  # noqa: S608 (fragments of this module; values bound)
         " lease_until = null, last_error = coalesce(last_error, 'no attempt was made in time')"
-        f" where deadline_at <= ? and (state = 'queued' or {_ABANDONED})",
+        " where state in ('queued', 'delivering') and deadline_at <= ?"
+        f" and (state = 'queued' or {_ABANDONED})",
         [now, now, now, live_since],
     )
-    ended += session.execute(
+    changed += session.execute(
         "update async_requests set state = 'failed', updated_at = ?, lease_owner = null,"  # noqa: S608 (fragments of this module; values bound)
         " lease_until = null,"
         " last_error = 'the gateway making the last attempt stopped during it'"
         f" where attempts >= max_attempts and {_ABANDONED}",
         [now, now, live_since],
     )
-    return ended
+    changed += session.execute(
+        "update async_requests set state = 'queued', updated_at = ?, next_attempt_at = ?,"  # noqa: S608 (fragments of this module; values bound)
+        " lease_owner = null, lease_until = null,"
+        " last_error = 'the gateway making an attempt stopped during it'"
+        f" where {_ABANDONED}",
+        [now, now, now, live_since],
+    )
+    return changed
 
 
 def lease(
@@ -130,13 +139,13 @@ def lease(
     owner: str,
     now: str,
     until: str,
-    live_since: str,
     limit: int,
     proxy_ids: Sequence[str] | None = None,
 ) -> list[Job]:
     """Lease up to `limit` due requests to `owner` until `until`, oldest due first: each
     becomes `delivering`, its attempt count one higher. With `proxy_ids`, only requests
-    of those proxies (the ones the owner serves)."""
+    of those proxies (the ones the owner serves). (An abandoned attempt is queued again
+    by `sweep`: this reads the queued ones only, from an index.)"""
     skip = " for update skip locked" if session.dialect == "postgresql" else ""
     only = ""
     if proxy_ids is not None:
@@ -148,11 +157,11 @@ def lease(
             "update async_requests set state = 'delivering', attempts = attempts + 1,"  # noqa: S608 (fragments of this module; values bound)
             " lease_owner = ?, lease_until = ?, updated_at = ?"
             " where id in (select id from async_requests"
-            f" where ((state = 'queued' and next_attempt_at <= ?) or {_ABANDONED})"
+            " where state = 'queued' and next_attempt_at <= ?"
             f" and attempts < max_attempts{only} order by next_attempt_at limit ?{skip})"
             " returning id, proxy_id, token_id, token_sha256, client_ip, attempts, max_attempts,"
             " deadline_at, idempotency_key, method, path, request_headers, request_body",
-            [owner, until, now, now, now, live_since, *(proxy_ids or ()), limit],
+            [owner, until, now, now, *(proxy_ids or ()), limit],
         )
     return [
         Job(

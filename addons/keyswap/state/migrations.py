@@ -222,6 +222,7 @@ def _v4(session: Session) -> None:
         "idx_async_requests_state_next_attempt_at": "state, next_attempt_at",
         "idx_async_requests_proxy_id_created_at": "proxy_id, created_at",
         "idx_async_requests_state_updated_at": "state, updated_at",
+        "idx_async_requests_state_deadline_at": "state, deadline_at",
     }.items():
         session.execute(f"create index if not exists {name} on async_requests ({columns})")
 

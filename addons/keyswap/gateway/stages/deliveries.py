@@ -41,6 +41,9 @@ THREADS = 2
 # response timeouts): time to write the outcome.
 LEASE_MARGIN_S = 15.0
 PRUNE_EVERY_S = 300.0
+# Abandoned attempts and deadlines are looked for this often, not on every lease: a
+# lease reads due requests from an index, a sweep reads every request in delivery.
+SWEEP_EVERY_S = 1.0
 FIGURES_EVERY_S = 2.0
 LOG_EVERY_S = 10.0
 
@@ -63,6 +66,7 @@ class Deliveries:
         self.backlog: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}  # this gateway's attempts, by proxy
         self._next_prune = 0.0
+        self._next_sweep = 0.0
         self._last_log = -LOG_EVERY_S
         self.delivered = 0  # attempts this process made
 
@@ -176,25 +180,27 @@ class Deliveries:
         free = ctx.options.keyswap_async_concurrency - len(self._attempts)
         if free <= 0:
             return False
-        live_since = iso(now - LIVE_WITHIN_S)
-        await self.call(async_queue.sweep, iso(now), live_since)
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_EVERY_S
+            await self.call(async_queue.sweep, iso(now), iso(now - LIVE_WITHIN_S))
         until = iso(now + self._lease_s())
         jobs = await self.call(
-            async_queue.lease,
-            self.recorder.gateway_id,
-            iso(now),
-            until,
-            live_since,
-            free,
-            self._deliverable(),
+            async_queue.lease, self.recorder.gateway_id, iso(now), until, free, self._deliverable()
         )
         for job in jobs:
             self._in_flight[job.proxy_id] = self._in_flight.get(job.proxy_id, 0) + 1
             task = asyncio.get_running_loop().create_task(self._attempt(job))
             self._attempts.add(task)
             task.add_done_callback(self._attempts.discard)
-            task.add_done_callback(lambda _: self._wake.set())
+            task.add_done_callback(self._slot_freed)
         return bool(len(jobs) == free)
+
+    def _slot_freed(self, _: object) -> None:
+        """Lease again once a quarter of the slots is free: a lease per finished attempt
+        would cost a transaction each."""
+        concurrency: int = ctx.options.keyswap_async_concurrency
+        if concurrency - len(self._attempts) >= max(1, concurrency // 4):
+            self._wake.set()
 
     def _deliverable(self) -> list[str]:
         """The proxies whose requests this gateway delivers: those it serves (another
