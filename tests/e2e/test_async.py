@@ -306,7 +306,7 @@ def test_health_shows_the_queue(setup: Setup) -> None:
             break
         time.sleep(0.2)
     assert figures["queued"] == 1 and figures["oldest_queued_age_s"] >= 0
-    assert {"delivering", "failed_last_hour", "delivering_here"} <= set(figures)
+    assert {"delivering", "failed_last_hour", "delivering_here", "attempts_here"} <= set(figures)
 
 
 @pytest.mark.skipif(not have_squid(), reason="squid is needed (.ci/run installs it)")

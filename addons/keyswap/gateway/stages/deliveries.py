@@ -367,4 +367,5 @@ class Deliveries:
             round(max(0.0, time.time() - unix(oldest)), 1) if oldest else None
         )
         figures["delivering_here"] = len(self._attempts)
+        figures["attempts_here"] = self.delivered
         return figures
