@@ -351,7 +351,7 @@ def async_phase(
                         session,
                         id=new_request_id(),
                         proxy_id="app3",
-                        token_id="t",
+                        token_id="t",  # noqa: S106 (the config's token id, not a secret)
                         token_sha256=_digest(TOKEN + "3"),
                         now=iso(now),
                         deadline_at=iso(now + 3600),
