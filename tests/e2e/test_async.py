@@ -264,6 +264,29 @@ def test_a_body_over_the_bound_is_413_declared_or_chunked(setup: Setup) -> None:
     assert len(rows(setup.db, "select id from async_requests")) == 1
 
 
+def test_a_rotated_token_stops_what_it_queued(make: Any, tmp_path: Path) -> None:
+    setup = make(attempts=50)
+    setup.target.default = "503:1"  # retried every second or so
+    setup.send("p")
+    deadline = time.monotonic() + 10
+    while not setup.target.arrivals and time.monotonic() < deadline:
+        time.sleep(0.1)
+    config = tmp_path / "keyswap.yaml"  # the token `web` rotated: another digest, same id
+    config.write_text(config.read_text().replace(digest(setup.tokens["p"]), digest(new_token())))
+    found: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        found = rows(setup.db, "select state, last_error from async_requests")
+        if found[0]["state"] == "failed":
+            break
+        time.sleep(0.2)
+    revoked = "the token that sent this request was rotated or deleted since"
+    assert found == [{"state": "failed", "last_error": revoked}]
+    arrived = len(setup.target.arrivals)
+    time.sleep(2.5)
+    assert len(setup.target.arrivals) == arrived  # nothing more reaches the target
+
+
 def test_a_full_queue_refuses_new_requests_503(tmp_path: Path) -> None:
     s = start(tmp_path, None, [], extra=["--set", "keyswap_async_max_queued=3"])
     try:

@@ -304,7 +304,10 @@ class AsyncPolicy(Model):
 
     max_attempts: int = Field(8, ge=1, le=1000, description="then the request is failed")
     max_age_s: float = Field(
-        86400, gt=0, description="seconds after acceptance; then the request is expired"
+        86400,
+        gt=0,
+        le=10 * 366 * 86400,
+        description="seconds after acceptance (at most ten years); then it is expired",
     )
 
 

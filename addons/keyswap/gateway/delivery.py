@@ -40,7 +40,6 @@ class Attempt:
         self.keep = keep
         self.kept = bytearray()
         self.streamed: int | None = None  # the streamed body's size, when it streamed
-        self.handler: ReplayHandler | None = None
         self.cut = False  # the attempt's time limit ended it
 
     def capture(self, chunk: bytes) -> bytes:
@@ -111,7 +110,6 @@ async def run(job: Job, options: Options, keep: int, limit_s: float) -> Attempt:
     # The handler serves a copy of the client; the flow names that one, so that hooks
     # given the connection (server_connect's) and hooks given the flow agree.
     flow.client_conn = handler.client
-    attempt.handler = handler
     _attempts[flow.id] = attempt
     _handlers[flow.client_conn.id] = handler
     try:

@@ -110,6 +110,11 @@ def sweep(session: Session, now: str, live_since: str) -> int:
     """End what can no longer be delivered: requests past their deadline (`expired`),
     and abandoned attempts that were the last allowed (`failed`); queue the other
     abandoned ones again, due at once. How many it changed."""
+    with session.transaction():  # all or nothing: a gateway may leave the registry meanwhile
+        return _sweep(session, now, live_since)
+
+
+def _sweep(session: Session, now: str, live_since: str) -> int:
     changed = session.execute(
         "update async_requests set state = 'expired', updated_at = ?, lease_owner = null,"  # noqa: S608 (fragments of this module; values bound)
         " lease_until = null, last_error = coalesce(last_error, 'no attempt was made in time')"
@@ -128,7 +133,7 @@ def sweep(session: Session, now: str, live_since: str) -> int:
         "update async_requests set state = 'queued', updated_at = ?, next_attempt_at = ?,"  # noqa: S608 (fragments of this module; values bound)
         " lease_owner = null, lease_until = null,"
         " last_error = 'the gateway making an attempt stopped during it'"
-        f" where {_ABANDONED}",
+        f" where attempts < max_attempts and {_ABANDONED}",
         [now, now, now, live_since],
     )
     return changed
@@ -157,11 +162,11 @@ def lease(
             "update async_requests set state = 'delivering', attempts = attempts + 1,"  # noqa: S608 (fragments of this module; values bound)
             " lease_owner = ?, lease_until = ?, updated_at = ?"
             " where id in (select id from async_requests"
-            " where state = 'queued' and next_attempt_at <= ?"
+            " where state = 'queued' and next_attempt_at <= ? and deadline_at > ?"
             f" and attempts < max_attempts{only} order by next_attempt_at limit ?{skip})"
             " returning id, proxy_id, token_id, token_sha256, client_ip, attempts, max_attempts,"
             " deadline_at, idempotency_key, method, path, request_headers, request_body",
-            [owner, until, now, now, *(proxy_ids or ()), limit],
+            [owner, until, now, now, now, *(proxy_ids or ()), limit],
         )
     return [
         Job(

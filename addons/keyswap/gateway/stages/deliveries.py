@@ -25,7 +25,7 @@ from keyswap.config.secrets import Redaction
 from keyswap.gateway import delivery, problem, retry_policy
 from keyswap.state import async_queue
 from keyswap.state.async_queue import Job, Outcome
-from keyswap.state.backends import StateError
+from keyswap.state.backends import Session, StateError
 from keyswap.state.registry import LIVE_WITHIN_S
 from keyswap.state.store import iso, unix
 
@@ -45,7 +45,11 @@ PRUNE_EVERY_S = 300.0
 # lease reads due requests from an index, a sweep reads every request in delivery.
 SWEEP_EVERY_S = 1.0
 FIGURES_EVERY_S = 2.0
+# How long shutdown waits for the delivery loop's round in progress (a state call may
+# wait for SQLite's busy timeout).
+LOOP_STOP_S = 15.0
 LOG_EVERY_S = 10.0
+TOKEN_LENGTH = 46  # ks_ and 43 characters: a token cut by the bound is still masked whole
 
 
 class Deliveries:
@@ -108,7 +112,11 @@ class Deliveries:
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:
-            self._loop_task.cancel()
+            # Not cancelled: a lease being taken on a thread would commit with nobody to
+            # deliver it. The loop sees `_stopping` and ends after its round.
+            _, pending = await asyncio.wait({self._loop_task}, timeout=LOOP_STOP_S)
+            for task in pending:
+                task.cancel()
         if self._attempts:
             logger.info(
                 "keyswap: shutting down, %d async deliveries in flight", len(self._attempts)
@@ -177,23 +185,26 @@ class Deliveries:
             self._figures_at = now
             self._figures = await self.call(async_queue.figures, iso(now), iso(now - 3600))
             self.backlog = await self.call(async_queue.backlog)
-        free = ctx.options.keyswap_async_concurrency - len(self._attempts)
-        if free <= 0:
-            return False
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_EVERY_S
             await self.call(async_queue.sweep, iso(now), iso(now - LIVE_WITHIN_S))
-        until = iso(now + self._lease_s())
-        jobs = await self.call(
-            async_queue.lease, self.recorder.gateway_id, iso(now), until, free, self._deliverable()
-        )
-        for job in jobs:
+        concurrency: int = ctx.options.keyswap_async_concurrency
+        free = concurrency - len(self._attempts)
+        if free <= 0 or self._stopping:
+            return False
+        proxies, limit = self._deliverable(free)
+        lease_s = self._lease_s()
+        owner = self.recorder.gateway_id
+        leased_at, jobs = await self.call(_lease, owner, lease_s, limit, proxies)
+        for job in jobs:  # started even when stopping: shutdown waits for them
             self._in_flight[job.proxy_id] = self._in_flight.get(job.proxy_id, 0) + 1
-            task = asyncio.get_running_loop().create_task(self._attempt(job))
+            # The attempt ends before its lease does, whatever the wait to start it.
+            limit_s = leased_at + lease_s - LEASE_MARGIN_S - time.time()
+            task = asyncio.get_running_loop().create_task(self._attempt(job, limit_s))
             self._attempts.add(task)
             task.add_done_callback(self._attempts.discard)
             task.add_done_callback(self._slot_freed)
-        return bool(len(jobs) == free)
+        return bool(len(jobs) == limit)
 
     def _slot_freed(self, _: object) -> None:
         """Lease again once a quarter of the slots is free: a lease per finished attempt
@@ -202,24 +213,27 @@ class Deliveries:
         if concurrency - len(self._attempts) >= max(1, concurrency // 4):
             self._wake.set()
 
-    def _deliverable(self) -> list[str]:
-        """The proxies whose requests this gateway delivers: those it serves (another
-        gateway on the database may serve another environment or region) and that are
-        active (a disabled proxy's requests wait, queued, until it is enabled again or
-        they expire)."""
+    def _served_active(self) -> set[str]:
+        """The proxies this gateway serves (another gateway on the database may serve
+        another environment or region) and that are active (a disabled proxy's requests
+        wait, queued, until it is enabled again or they expire)."""
         runtime = self.settings.runtime
         if runtime.loaded is None:
-            return []
+            return set()
         proxies = runtime.config.proxies
-        deliverable = {p for p in runtime.served if proxies[p].active}
-        # A fair share: while another proxy has requests waiting, one proxy's backlog
-        # (a slow target, thousands queued) holds at most half of the slots.
+        return {p for p in runtime.served if proxies[p].active}
+
+    def _deliverable(self, free: int) -> tuple[list[str], int]:
+        """Whose requests to lease now, and how many. A fair share: while several
+        proxies have requests waiting, one proxy's backlog (a slow target, thousands
+        queued) holds at most half of the slots, and a lease takes at most that many."""
+        deliverable = self._served_active()
+        waiting = {p for p, n in self.backlog.items() if n and p in deliverable}
+        if len(waiting) < 2:
+            return sorted(deliverable), free
         share = max(1, ctx.options.keyswap_async_concurrency // 2)
-        for p in list(deliverable):
-            waiting = any(n for q, n in self.backlog.items() if q != p and q in deliverable)
-            if waiting and self._in_flight.get(p, 0) >= share:
-                deliverable.discard(p)
-        return sorted(deliverable)
+        deliverable = {p for p in deliverable if self._in_flight.get(p, 0) < share}
+        return sorted(deliverable), min(free, share)
 
     def _lease_s(self) -> float:
         """Longer than any attempt may take: the slowest target's timeouts, and time to
@@ -230,20 +244,20 @@ class Deliveries:
         longest = max((t.connect_timeout_s + t.timeout_s for t in targets), default=30.0)
         return longest + LEASE_MARGIN_S
 
-    async def _attempt(self, job: Job) -> None:
+    async def _attempt(self, job: Job, limit_s: float) -> None:
         """One attempt, and its outcome written (unless the lease was lost meanwhile)."""
         try:
-            await self._attempt_once(job)
+            await self._attempt_once(job, limit_s)
         finally:
             self._in_flight[job.proxy_id] -= 1
 
-    async def _attempt_once(self, job: Job) -> None:
+    async def _attempt_once(self, job: Job, limit_s: float) -> None:
         # Kept: the bound, and as much again as the longest secret, so that one cut by the
         # bound is still whole when the masking looks for it.
         keep = self.settings.runtime.config.limits.max_async_body_bytes
-        keep += self.recorder.redaction().longest
+        keep += max(self.recorder.redaction().longest, TOKEN_LENGTH)
         try:
-            attempt = await delivery.run(job, ctx.options, keep, self._lease_s() - 5)
+            attempt = await delivery.run(job, ctx.options, keep, max(1.0, limit_s))
             self.delivered += 1
             try:
                 outcome = self.outcome(job, attempt, time.time())
@@ -252,9 +266,7 @@ class Deliveries:
                 outcome = self._retry(job, "keyswap could not judge the answer", None, time.time())
             request_id = attempt.flow.metadata.get(problem.REQUEST_ID, "")
             owner = self.recorder.gateway_id or ""
-            kept = await self.call(
-                async_queue.finish, job, owner, iso(time.time()), request_id, outcome
-            )
+            kept = await self._finish(job, owner, request_id, outcome)
         except StateError as e:
             self._log_failure(e)
             return
@@ -272,6 +284,21 @@ class Deliveries:
                 job.id,
                 job.attempt,
             )
+
+    async def _finish(self, job: Job, owner: str, request_id: str, outcome: Outcome) -> bool:
+        """Write the outcome; a database that fails for a moment is tried again (a lost
+        outcome would make the sweep call a delivered request abandoned)."""
+        for delay in (0.5, 1.0, 2.0, 4.0):
+            try:
+                return await self.call(
+                    async_queue.finish, job, owner, iso(time.time()), request_id, outcome
+                )
+            except StateError as e:
+                self._log_failure(e)
+                await asyncio.sleep(delay)
+        return await self.call(
+            async_queue.finish, job, owner, iso(time.time()), request_id, outcome
+        )
 
     def outcome(self, job: Job, attempt: delivery.Attempt, now: float) -> Outcome:
         """What the attempt ended in, secrets masked."""
@@ -298,8 +325,10 @@ class Deliveries:
         if not gateway_made and status is not None:
             reason = f"the target answered {status}"
         reason = redact.text(str(reason))
-        if verdict == "refused":
+        if verdict == "refused" and job.proxy_id in self._served_active():
             return Outcome("failed", error=reason, **kept)
+        # Refused because the proxy was disabled (or is no longer served here) while
+        # the attempt was on its way: paused, not failed; tried again after the backoff.
         wait = retry_policy.retry_after_s(
             response.headers.get("retry-after") if response is not None else None, now
         )
@@ -369,3 +398,13 @@ class Deliveries:
         figures["delivering_here"] = len(self._attempts)
         figures["attempts_here"] = self.delivered
         return figures
+
+
+def _lease(
+    session: Session, owner: str, lease_s: float, limit: int, proxy_ids: list[str]
+) -> tuple[float, list[Job]]:
+    """A lease timed on the thread that takes it (the wait for a thread, or for
+    SQLite's write lock, does not eat into it): when it starts, and the requests."""
+    now = time.time()
+    jobs = async_queue.lease(session, owner, iso(now), iso(now + lease_s), limit, proxy_ids)
+    return now, jobs
