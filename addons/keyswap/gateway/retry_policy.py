@@ -9,6 +9,8 @@ import re
 from email.utils import parsedate_to_datetime
 from typing import Literal, NamedTuple
 
+from keyswap.gateway import problem
+
 # The first retry waits up to BASE_S, each next one up to twice as long, never more than
 # CAP_S (AWS's "full jitter": uniform in [0, bound], which spreads retries of many
 # requests that failed together instead of bunching them).
@@ -36,7 +38,7 @@ def verdict(status: int | None, gateway_made: bool, code: str | None) -> Verdict
     # The gateway's own answers: a failure to reach the target (502, 504), or a
     # passing state of this gateway (503 shutting down, 500) are worth another attempt;
     # a refusal (401, 403, 404, 405, ...) is final.
-    return "retry" if code == "proxy-error" or status >= 500 else "refused"
+    return "retry" if code == problem.PROXY_ERROR or status >= 500 else "refused"
 
 
 def backoff_s(attempt: int, rng: random.Random | None = None) -> float:

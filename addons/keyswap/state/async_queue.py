@@ -23,7 +23,6 @@ from keyswap.state.backends import Session
 State = Literal["queued", "delivering", "succeeded", "failed", "expired", "cancelled"]
 STATES: tuple[State, ...] = ("queued", "delivering", "succeeded", "failed", "expired", "cancelled")
 DONE: tuple[State, ...] = ("succeeded", "failed", "expired", "cancelled")
-TABLE = "async_requests"
 
 Fields = Sequence[tuple[bytes, bytes]]
 
@@ -34,6 +33,7 @@ def fields_json(fields: Fields) -> str:
 
 
 def fields_of(text: str | None) -> list[tuple[bytes, bytes]]:
+    """Header fields back from `fields_json`'s text (none for NULL)."""
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(text or "[]")]
 
 
@@ -95,7 +95,7 @@ def enqueue(
         "request_body": body,
     }
     with session.transaction():
-        session.insert(TABLE, [row])
+        session.insert("async_requests", [row])
 
 
 # A delivering row whose holder is gone: its lease ran out, or its holder is not a live

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 from weakref import WeakKeyDictionary
 
 from mitmproxy import http
@@ -31,8 +31,19 @@ if TYPE_CHECKING:
     from keyswap.gateway.stages.deliveries import Deliveries
 
 RESULTS = "/_keyswap/requests/"
-Stored = tuple[str, list[tuple[bytes, bytes]], str | None]  # path, headers, client's key
-HELD = "keyswap.async_held"  # flow.metadata: the grant, held back from the forwarding stages
+
+
+class Held(NamedTuple):
+    """A request held for storing: its target, and what will be stored of it (taken
+    before the flow is masked)."""
+
+    target: str
+    path: str
+    headers: list[tuple[bytes, bytes]]
+    key: str | None  # the client's Idempotency-Key
+
+
+HELD = "keyswap.async_held"  # flow.metadata: a held request's body bound (GatewayStream reads it)
 # Not stored: how this client framed and asked (delivery frames the body itself and puts
 # the request's Idempotency-Key on every attempt), and what it accepts in return: a
 # result is read as JSON, and a compressed answer could hide an echoed secret from the
@@ -76,7 +87,7 @@ class AsyncAccept:
         self.deliveries = deliveries
         # The request to store, by held flow (a flow cut off before its body is complete
         # is forgotten with it).
-        self._held: WeakKeyDictionary[http.HTTPFlow, Stored] = WeakKeyDictionary()
+        self._held: WeakKeyDictionary[http.HTTPFlow, Held] = WeakKeyDictionary()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
@@ -105,25 +116,27 @@ class AsyncAccept:
             too_large(flow, limit)
             return
         meta = flow.metadata
-        # Held back: the stages that forward (rewrite, swap, upstream, OAuth2, ...) act
-        # only on a flow with a destination and a target, and this one goes nowhere now.
-        meta[HELD] = (meta.pop(problem.DESTINATION), meta.pop(problem.TARGET), limit)
-        request.stream = False  # the whole body, to store (bounded: see GatewayStream)
         # What will be stored, taken now: the flow is masked next, since mitmweb shows
         # it (and its token) while its body arrives, before it is answered.
-        self._held[flow] = self._stored_request(flow)
+        path, headers, key = self._stored_request(flow)
+        # Held back: the stages that forward (rewrite, swap, upstream, OAuth2, ...) act
+        # only on a flow with a destination and a target, and this one goes nowhere now.
+        del meta[problem.DESTINATION]
+        self._held[flow] = Held(meta.pop(problem.TARGET), path, headers, key)
+        meta[HELD] = limit
+        request.stream = False  # the whole body, to store (bounded: see GatewayStream)
         mask(flow)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        if HELD not in flow.metadata or flow.response or flow.error or not flow.live:
+        if flow not in self._held or flow.response or flow.error or not flow.live:
             return None
         return self._store(flow)
 
     async def _store(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata
-        _, target, limit = meta.pop(HELD)
+        limit = meta.pop(HELD)
+        target, path, headers, key = self._held.pop(flow)
         meta[problem.TARGET] = target  # for the row; no stage after this one forwards it
-        path, headers, key = self._held.pop(flow)
         request = flow.request
         body = request.raw_content or b""
         if len(body) > limit:
@@ -154,10 +167,7 @@ class AsyncAccept:
                 body=body,
             )
         except StateError as e:
-            if flow.live and not flow.response:
-                meta[problem.ERROR] = f"async queue unavailable: {e}"
-                message = "the request could not be stored for async delivery; try again shortly"
-                problem.deny(flow, 503, "async-unavailable", message, {"retry-after": "1"})
+            unavailable(flow, e, "the request could not be stored for async delivery")
             return
         self.deliveries.accepted(proxy_id)
         location = RESULTS + async_id
@@ -178,7 +188,9 @@ class AsyncAccept:
         problem.decide(flow, problem.GRANTED, f"accepted for async delivery to target '{target}'")
         problem.stamp(flow, flow.response)
 
-    def _stored_request(self, flow: http.HTTPFlow) -> Stored:
+    def _stored_request(
+        self, flow: http.HTTPFlow
+    ) -> tuple[str, list[tuple[bytes, bytes]], str | None]:
         """The path as the client sent it without any parameter holding a token (routing
         refuses a token in the path itself), and the headers as the target may see them
         (the proxy's request plan; no proxy credential, nothing shaped like a token),
@@ -198,6 +210,14 @@ class AsyncAccept:
         kept = [(k, v) for k, v in stored if not TOKEN_SHAPE.search(v)]  # last: whatever came
         key = fields.get(flow.request.headers, b"idempotency-key")
         return (f"{path}?{query}" if query else path), kept, key
+
+
+def unavailable(flow: http.HTTPFlow, e: StateError, what: str) -> None:
+    """503: the async queue's database did not answer (the reason goes to the log row)."""
+    if flow.live and not flow.response:
+        flow.metadata[problem.ERROR] = f"async queue unavailable: {e}"
+        message = f"{what}; try again shortly"
+        problem.deny(flow, 503, "async-unavailable", message, {"retry-after": "1"})
 
 
 def too_large(flow: http.HTTPFlow, limit: int) -> None:

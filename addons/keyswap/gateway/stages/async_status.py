@@ -11,10 +11,16 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from keyswap.config.tokens import SHAPE, digest
 from keyswap.gateway import problem
-from keyswap.gateway.stages.async_accept import RESULTS
-from keyswap.gateway.stages.auth import CHALLENGE, INVALID, MISSING, TOKEN_ID, presented_token
+from keyswap.gateway.stages.async_accept import RESULTS, unavailable
+from keyswap.gateway.stages.auth import (
+    CHALLENGE,
+    INVALID,
+    MISSING,
+    TOKEN_ID,
+    owner_of,
+    presented_token,
+)
 from keyswap.state import async_queue
 from keyswap.state.backends import StateError
 
@@ -47,29 +53,26 @@ class AsyncStatus:
         if not token:
             problem.deny(flow, 401, "missing-token", MISSING, CHALLENGE)
             return None
-        owner = self.settings.runtime.tokens.get(digest(token)) if SHAPE.fullmatch(token) else None
+        owner = owner_of(self.settings.runtime, token)
         if owner is None:
             message = "the token is not valid for any proxy"
             problem.deny(flow, 401, "wrong-token", message, INVALID)
             return None
-        flow.metadata[problem.PROXY], flow.metadata[TOKEN_ID] = owner
-        if not self.settings.runtime.config.proxies[owner[0]].active:
-            problem.deny(flow, 403, "inactive", f"proxy '{owner[0]}' is disabled")
+        flow.metadata[problem.PROXY], flow.metadata[TOKEN_ID] = owner.proxy_id, owner.token_id
+        if not self.settings.runtime.config.proxies[owner.proxy_id].active:
+            problem.deny(flow, 403, "inactive", f"proxy '{owner.proxy_id}' is disabled")
             return None
         async_id = path[len(RESULTS) :]
         if not _ID.fullmatch(async_id):
             problem.deny(flow, 404, "unknown-async-request", NOT_FOUND)
             return None
-        return self._answer(flow, async_id, owner[0])
+        return self._answer(flow, async_id, owner.proxy_id)
 
     async def _answer(self, flow: http.HTTPFlow, async_id: str, proxy_id: str) -> None:
         try:
             row = await self.deliveries.call(async_queue.get, async_id, proxy_id)
         except StateError as e:
-            if flow.live and not flow.response:
-                flow.metadata[problem.ERROR] = f"async queue unavailable: {e}"
-                message = "async results cannot be read now; try again shortly"
-                problem.deny(flow, 503, "async-unavailable", message, {"retry-after": "1"})
+            unavailable(flow, e, "async results cannot be read now")
             return
         if not flow.live or flow.response:
             return

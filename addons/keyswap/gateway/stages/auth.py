@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from mitmproxy import http
 from mitmproxy.http import Headers
 
 from keyswap.config.tokens import SHAPE, digest
 from keyswap.gateway import delivery, problem
-from keyswap.gateway.runtime import NO_PLACES, TokenPlaces
+from keyswap.gateway.runtime import NO_PLACES, Runtime, TokenPlaces
 from keyswap.net import fields
 
 if TYPE_CHECKING:
@@ -54,6 +54,25 @@ def presented_token(
     if places.query is not None:
         return _parameter(path, places.query)
     return None
+
+
+class Owner(NamedTuple):
+    """Whose a valid token is: its proxy, its id there, and its digest."""
+
+    proxy_id: str
+    token_id: str
+    sha256: str
+
+
+def owner_of(runtime: Runtime, token: str) -> Owner | None:
+    """The owner of a presented token, or None. Only a value shaped like a token can be
+    one: every place that keeps a token from the target, the log and the stored flow
+    recognises it by that shape."""
+    if not SHAPE.fullmatch(token):
+        return None
+    sha256 = digest(token)
+    found = runtime.tokens.get(sha256)
+    return Owner(found[0], found[1], sha256) if found else None
 
 
 def _basic(credentials: str) -> str | None:
@@ -116,12 +135,9 @@ class Authenticate:
         if not token:
             problem.deny(flow, 401, "missing-token", MISSING, CHALLENGE)
             return
-        # Only a value shaped like a token can be one: every place that keeps a token
-        # from the target, the log and the stored flow recognises it by that shape.
-        sha256 = digest(token) if SHAPE.fullmatch(token) else None
-        owner = runtime.tokens.get(sha256) if sha256 else None
-        if owner is None or owner[0] != proxy_id:
+        owner = owner_of(runtime, token)
+        if owner is None or owner.proxy_id != proxy_id:
             problem.deny(flow, 401, "wrong-token", "the token is not valid for this proxy", INVALID)
             return
-        flow.metadata[TOKEN_ID] = owner[1]
-        flow.metadata[TOKEN_SHA256] = sha256
+        flow.metadata[TOKEN_ID] = owner.token_id
+        flow.metadata[TOKEN_SHA256] = owner.sha256

@@ -72,7 +72,7 @@ class Deliveries:
         self._next_prune = 0.0
         self._next_sweep = 0.0
         self._last_log = -LOG_EVERY_S
-        self.delivered = 0  # attempts this process made
+        self.attempts_made = 0  # attempts this process made
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -258,7 +258,7 @@ class Deliveries:
         keep += max(self.recorder.redaction().longest, TOKEN_LENGTH)
         try:
             attempt = await delivery.run(job, ctx.options, keep, max(1.0, limit_s))
-            self.delivered += 1
+            self.attempts_made += 1
             try:
                 outcome = self.outcome(job, attempt, time.time())
             except Exception:
@@ -396,7 +396,7 @@ class Deliveries:
             round(max(0.0, time.time() - unix(oldest)), 1) if oldest else None
         )
         figures["delivering_here"] = len(self._attempts)
-        figures["attempts_here"] = self.delivered
+        figures["attempts_here"] = self.attempts_made
         return figures
 
 

@@ -163,10 +163,10 @@ class GatewayStream(http_layers.HttpStream):
         flow: http.HTTPFlow | None = getattr(self, "flow", None)
         if not request or flow is None or not self.request_body_buf:
             return (yield from super().check_body_size(request))
-        held = flow.metadata.get(HELD)
-        if held is not None and len(self.request_body_buf) > held[2]:
+        bound = flow.metadata.get(HELD)
+        if bound is not None and len(self.request_body_buf) > bound:
             del flow.metadata[HELD]
-            too_large(flow, held[2])
+            too_large(flow, bound)
         elif not (flow.response is not None and len(self.request_body_buf) > DISCARD_AFTER):
             return (yield from super().check_body_size(request))
         self.request_body_buf.clear()

@@ -309,8 +309,10 @@ class Captured(NamedTuple):
             "response_headers": redact.headers_json(self.response_headers)
             if self.response_headers is not None
             else None,
-            "attempts": meta.get(problem.ASYNC_ATTEMPT)
-            or meta.get(problem.ATTEMPTS, 1 if destination else 0),
+            # an async request's attempt number (0 for its 202), else this flow's own
+            "attempts": meta[problem.ASYNC_ATTEMPT]
+            if problem.ASYNC_ATTEMPT in meta
+            else meta.get(problem.ATTEMPTS, 1 if destination else 0),
             "async_id": meta.get(problem.ASYNC_ID),
             "mode": self.mode,
             "gateway": self.gateway,
