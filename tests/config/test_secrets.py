@@ -89,3 +89,35 @@ def test_mask_bytes_masks_secret_values_and_tokens_in_raw_bytes() -> None:
     masked = redact.mask_bytes(raw + b"\xff")
     assert masked == b'{"echo": "Bearer ********", "t": "********", "o": "********"}\xff'
     assert redact.mask_bytes(b"nothing secret") == b"nothing secret"
+
+
+def test_a_cut_never_keeps_part_of_a_secret() -> None:
+    redact = Redaction(CONFIG)
+    secret = b"bearer-secret-3"
+    for keep in range(0, len(secret) + 3):
+        data = b"x" * 10 + secret + b"tail"
+        cut = redact.cut(data, 10 + keep)
+        assert len(cut) <= 10 + keep
+        assert secret[:4] not in cut  # masked whole, or its start dropped
+    assert redact.cut(b"a" * 10 + secret, 100) == b"a" * 10 + b"********"
+
+
+def test_other_spellings_of_a_secret_are_masked() -> None:
+    import base64
+    from urllib.parse import quote
+
+    config = Config.model_validate(
+        {
+            "credentials": {
+                "b": {"type": "basic", "username": "api", "password": "pa ss/word+1"},
+            }
+        }
+    )
+    redact = Redaction(config)
+    pair = base64.b64encode(b"api:pa ss/word+1")
+    for spelled in (
+        quote("pa ss/word+1", safe="").encode(),
+        base64.b64encode(b"pa ss/word+1"),
+        pair,
+    ):
+        assert redact.mask_bytes(b"echo " + spelled + b" end") == b"echo ******** end"
