@@ -319,6 +319,22 @@ def test_the_database_holds_no_target_credential_and_no_token(setup: Setup) -> N
     assert SECRET not in output and token[3:] not in output
 
 
+def test_a_compressed_echo_is_stored_decoded_and_masked(setup: Setup) -> None:
+    """The client cannot make the target compress its answer past the masking: its
+    Accept-Encoding is not stored, and a compressed answer is decoded before masking."""
+    setup.target.script[:] = ["echo-gzip"]
+    r = setup.send("p", headers={"accept-encoding": "gzip"})
+    done = setup.wait_done(r.headers["location"])
+    assert "accept-encoding" not in {k.lower() for k in setup.target.arrivals[0].headers}
+    response = done["response"]
+    assert "content-encoding" not in response["headers"]
+    echoed = {k.lower(): v for k, v in json.loads(response["body"]).items()}
+    assert echoed["authorization"] == "Bearer ********"
+    setup.gateway.stop()
+    db = Path(setup.db)
+    assert SECRET.encode() not in b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+
+
 def test_health_shows_the_queue(setup: Setup) -> None:
     setup.target.default = "503:60"
     setup.send("p")

@@ -7,6 +7,7 @@ method, path, headers, body) and answers each with the next step of its script:
 - `"429:1"` / `"503:2"`: that status with `Retry-After` seconds;
 - `"sleep:S"`: waits S seconds, then answers 200 (`"sleep:S:503"`: then that status);
 - `"echo"`: 200 with the request's headers as JSON (a target that echoes the credential);
+  `"echo-gzip"`: the same, gzip-compressed (`Content-Encoding: gzip`);
 - `"hold"`: waits until `gate` is set (at most a minute), then answers 200.
 
 When the script runs out, `default` answers. It also notes deliveries that overlap: two
@@ -14,6 +15,7 @@ requests with the same Idempotency-Key being answered at the same time."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -41,7 +43,7 @@ def status_of(step: str) -> int | None:
     """The status a step answers with; None for `drop`."""
     if step == "drop":
         return None
-    if step in ("echo", "hold"):
+    if step in ("echo", "echo-gzip", "hold"):
         return 200
     if step.startswith("sleep:"):
         parts = step.split(":")
@@ -106,9 +108,12 @@ class FlakyTarget:
                     self.connection.close()
                     return
                 status, retry_after = step, None
-                if step == "echo":
+                encoding = None
+                if step in ("echo", "echo-gzip"):
                     body = json.dumps(dict(self.headers.items())).encode()
                     status = "200"
+                    if step == "echo-gzip":
+                        body, encoding = gzip.compress(body), "gzip"
                 elif step == "hold":
                     target.gate.wait(60)
                     status = "200"
@@ -121,6 +126,8 @@ class FlakyTarget:
                 if retry_after is not None:
                     self.send_header("retry-after", retry_after)
                 self.send_header("content-type", "application/octet-stream")
+                if encoding:
+                    self.send_header("content-encoding", encoding)
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
