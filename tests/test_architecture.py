@@ -19,6 +19,7 @@ LAYERS = (
     "keyswap.net",
     "keyswap.config",
     "keyswap.state",
+    "keyswap.forward",  # forward mode's pieces that the gateway and the command line use
     "keyswap.gateway",  # settings, the compiled runtime, the pipeline, problem responses
     "keyswap.gateway.stages",
     "keyswap.gateway.connectivity",  # `test-upstream` reaches a proxy as the upstream stage does

@@ -7,6 +7,7 @@ import click
 
 from keyswap.cli import (
     async_requests,
+    ca,
     clients,
     config,
     dashboard,
@@ -45,6 +46,7 @@ for command in (
     dashboard.dashboard,
     gateways.gateways,
     async_requests.async_requests,
+    ca.ca,
     db.db,
     proxies.proxies,
     templates.templates,

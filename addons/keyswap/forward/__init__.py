@@ -1,0 +1,1 @@
+"""Forward (intercepting) mode: programs that reach their APIs through `HTTPS_PROXY`."""
