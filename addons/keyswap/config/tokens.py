@@ -9,6 +9,7 @@ import secrets
 PREFIX = "ks_"
 # Anything shaped like a proxy token, wherever it stands: never forwarded, never shown.
 SHAPE = re.compile(r"ks_[A-Za-z0-9_-]{43}")
+LENGTH = 46  # of a token, `ks_` and 43 characters
 SHAPE_BYTES = re.compile(SHAPE.pattern.encode())
 # Where a client may present its proxy credential; never forwarded to the target.
 TOKEN_HEADERS = ("authorization", "x-proxy-token")

@@ -20,6 +20,7 @@ from keyswap.config.tokens import without_tokens
 from keyswap.gateway import delivery, problem
 from keyswap.gateway.runtime import NO_PLACES
 from keyswap.gateway.stages.auth import TOKEN_ID, TOKEN_SHA256
+from keyswap.gateway.stages.headers import filter_request
 from keyswap.gateway.stages.swap import mask
 from keyswap.net import fields
 from keyswap.state import async_queue
@@ -54,7 +55,6 @@ NOT_STORED = frozenset(
         b"transfer-encoding",
         b"content-length",
         b"expect",
-        b"prefer",
         b"idempotency-key",
         b"accept-encoding",
     }
@@ -200,14 +200,15 @@ class AsyncAccept:
         runtime = self.settings.runtime
         proxy_id = flow.metadata[problem.PROXY]
         headers = flow.request.headers.copy()
-        runtime.header_plans[proxy_id][0].apply(headers)
+        prefer = other_preferences(fields.get(headers, b"prefer") or "")
+        if prefer:  # the target is asked the rest
+            fields.put(headers, b"prefer", prefer.encode("utf-8", "surrogateescape"))
+        else:
+            del headers["prefer"]
+        filter_request(runtime.header_plans[proxy_id][0], headers)  # as the target may see them
         place = runtime.token_places.get(proxy_id, NO_PLACES).header  # where its token may be
         dropped = NOT_STORED | ({place} if place is not None else set())
-        stored = [(k, v) for k, v in headers.fields if k.lower() not in dropped]
-        prefer = other_preferences(fields.get(flow.request.headers, b"prefer") or "")
-        if prefer:
-            stored.append((b"prefer", prefer.encode("utf-8", "surrogateescape")))
-        kept = [(k, v) for k, v in stored if not TOKEN_SHAPE.search(v)]  # last: whatever came
+        kept = [(k, v) for k, v in headers.fields if k.lower() not in dropped]
         key = fields.get(flow.request.headers, b"idempotency-key")
         return (f"{path}?{query}" if query else path), kept, key
 

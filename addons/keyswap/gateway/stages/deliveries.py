@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
+from keyswap.config import tokens
 from keyswap.config.secrets import Redaction
 from keyswap.gateway import delivery, problem, retry_policy
 from keyswap.state import async_queue
@@ -49,7 +51,6 @@ FIGURES_EVERY_S = 2.0
 # wait for SQLite's busy timeout).
 LOOP_STOP_S = 15.0
 LOG_EVERY_S = 10.0
-TOKEN_LENGTH = 46  # ks_ and 43 characters: a token cut by the bound is still masked whole
 
 
 class Deliveries:
@@ -60,7 +61,7 @@ class Deliveries:
         self.recorder = recorder
         self._executor = ThreadPoolExecutor(THREADS, thread_name_prefix="keyswap-async")
         self._loop_task: asyncio.Task[None] | None = None
-        self._attempts: set[asyncio.Task[None]] = set()
+        self._attempts: dict[asyncio.Task[None], str] = {}  # attempts in flight: their proxy
         self._wake = asyncio.Event()
         self._stopping = False
         self._figures: dict[str, Any] = {}
@@ -68,7 +69,6 @@ class Deliveries:
         # Requests not yet done, by proxy, as of the last look (plus those accepted here
         # since): what the queue bound and the fair share of the slots are judged by.
         self.backlog: dict[str, int] = {}
-        self._in_flight: dict[str, int] = {}  # this gateway's attempts, by proxy
         self._next_prune = 0.0
         self._next_sweep = 0.0
         self._last_log = -LOG_EVERY_S
@@ -197,12 +197,11 @@ class Deliveries:
         owner = self.recorder.gateway_id
         leased_at, jobs = await self.call(_lease, owner, lease_s, limit, proxies)
         for job in jobs:  # started even when stopping: shutdown waits for them
-            self._in_flight[job.proxy_id] = self._in_flight.get(job.proxy_id, 0) + 1
             # The attempt ends before its lease does, whatever the wait to start it.
             limit_s = leased_at + lease_s - LEASE_MARGIN_S - time.time()
             task = asyncio.get_running_loop().create_task(self._attempt(job, limit_s))
-            self._attempts.add(task)
-            task.add_done_callback(self._attempts.discard)
+            self._attempts[task] = job.proxy_id
+            task.add_done_callback(self._attempts.pop)
             task.add_done_callback(self._slot_freed)
         return bool(len(jobs) == limit)
 
@@ -232,7 +231,8 @@ class Deliveries:
         if len(waiting) < 2:
             return sorted(deliverable), free
         share = max(1, ctx.options.keyswap_async_concurrency // 2)
-        deliverable = {p for p in deliverable if self._in_flight.get(p, 0) < share}
+        in_flight = Counter(self._attempts.values())
+        deliverable = {p for p in deliverable if in_flight[p] < share}
         return sorted(deliverable), min(free, share)
 
     def _lease_s(self) -> float:
@@ -246,16 +246,10 @@ class Deliveries:
 
     async def _attempt(self, job: Job, limit_s: float) -> None:
         """One attempt, and its outcome written (unless the lease was lost meanwhile)."""
-        try:
-            await self._attempt_once(job, limit_s)
-        finally:
-            self._in_flight[job.proxy_id] -= 1
-
-    async def _attempt_once(self, job: Job, limit_s: float) -> None:
-        # Kept: the bound, and as much again as the longest secret, so that one cut by the
-        # bound is still whole when the masking looks for it.
+        # Kept: the bound, and as many bytes more as the longest secret or a token, so
+        # that one the bound cuts is still whole when the masking looks for it.
         keep = self.settings.runtime.config.limits.max_async_body_bytes
-        keep += max(self.recorder.redaction().longest, TOKEN_LENGTH)
+        keep += max(self.recorder.redaction().longest, tokens.LENGTH)
         try:
             attempt = await delivery.run(job, ctx.options, keep, max(1.0, limit_s))
             self.attempts_made += 1

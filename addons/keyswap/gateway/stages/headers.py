@@ -5,13 +5,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mitmproxy import http
+from mitmproxy.http import Headers
 
 from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE
 from keyswap.gateway import problem
-from keyswap.gateway.header_plan import UNKNOWN_PROXY_RESPONSE
+from keyswap.gateway.header_plan import UNKNOWN_PROXY_RESPONSE, Plan
 
 if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
+
+
+def filter_request(plan: Plan, headers: Headers) -> None:
+    """A request's headers as a target may see them: the proxy's request plan applied,
+    and a proxy token never left, wherever the client put it (an SDK's own key header,
+    a second copy; the policy stage left it out of the query already). The target
+    credential goes on after."""
+    plan.apply(headers)
+    fields = headers.fields
+    if any(b"ks_" in v for _, v in fields):
+        headers.fields = tuple(f for f in fields if not TOKEN_SHAPE.search(f[1]))
 
 
 class HeaderFilter:
@@ -26,14 +38,7 @@ class HeaderFilter:
         if flow.response or flow.error or not flow.live or problem.DESTINATION not in flow.metadata:
             return
         plans = self.settings.runtime.header_plans[flow.metadata[problem.PROXY]]
-        request = flow.request
-        plans[0].apply(request.headers)
-        # A proxy token never leaves, wherever the client put it (an SDK's own key
-        # header, a second copy); the policy stage left it out of the query already. The
-        # target credential goes on after.
-        fields = request.headers.fields
-        if any(b"ks_" in v for _, v in fields):
-            request.headers.fields = tuple(f for f in fields if not TOKEN_SHAPE.search(f[1]))
+        filter_request(plans[0], flow.request.headers)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
