@@ -52,12 +52,15 @@ def test_wrong_mitmproxy_options_fail_loudly(options: dict[str, object], message
             tctx.configure(settings, **options)
 
 
-def test_mode_must_be_reverse() -> None:
+def test_mode_must_be_reverse_or_regular() -> None:
     from keyswap.gateway.settings import mode_problem
 
     assert mode_problem(REVERSE) is None
-    assert "keyswap runs in reverse mode" in (mode_problem(["regular"]) or "")
-    assert "keyswap runs in reverse mode" in (mode_problem(["upstream:http://x:1"]) or "")
+    assert mode_problem(["regular@8081"]) is None  # forward mode
+    assert mode_problem([*REVERSE, "regular@8081"]) is None
+    assert "no other" in (mode_problem(["upstream:http://x:1"]) or "")
+    assert "no other" in (mode_problem(["socks5"]) or "")
+    assert "no other" in (mode_problem(["transparent"]) or "")
 
 
 def test_sets_lazy_connections() -> None:

@@ -119,11 +119,27 @@ def _digest(value: str) -> str:
     return value
 
 
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def _host_name(value: str) -> str:
+    """A host name as a CONNECT names it (`pypi.org`), or all names under a domain
+    (`*.pythonhosted.org`); lower case. No scheme, port, path or address pattern."""
+    host = value.strip().lower().rstrip(".")
+    if not _HOST_NAME.fullmatch(host) or len(host) > 253:
+        raise ValueError(
+            f"'{value}' is not a host name; write it as pypi.org or *.pythonhosted.org "
+            "(no scheme, port or path)"
+        )
+    return host
+
+
 Port = Annotated[int, AfterValidator(_port)]
 Method = Annotated[str, AfterValidator(_method)]
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 Origin = Annotated[str, AfterValidator(_origin)]
 Route = Annotated[str, AfterValidator(_route)]
+HostName = Annotated[str, AfterValidator(_host_name)]
 Region = Annotated[str, Field(min_length=1, description="the region this resource lives in")]
 
 
@@ -347,6 +363,17 @@ class Limits(Model):
     max_async_body_bytes: int = Field(1048576, ge=0, description="larger async body: 413")
 
 
+class Forward(Model):
+    """Forward (intercepting) mode (docs/forward.md): which hosts, besides the targets'
+    origins, a program behind `HTTPS_PROXY` may reach."""
+
+    passthrough: list[HostName] = Field(
+        default_factory=list,
+        description="tunnelled untouched (no TLS interception, no swap); matched against "
+        "the host name the client's CONNECT names, never a resolved address",
+    )
+
+
 ParamValue = str | int | float | bool
 
 
@@ -370,6 +397,7 @@ class Config(Model):
     targets: dict[str, Target] = Field(default_factory=dict)
     proxies: dict[str, Proxy] = Field(default_factory=dict)
     limits: Limits = Limits()
+    forward: Forward = Forward()
 
     def routes_of(self, proxy_id: str) -> list[str]:
         """A proxy's routes, with the default `/api/<id>` applied."""

@@ -121,6 +121,27 @@ class Redaction:
         """Whether `data` holds a secret value or something shaped like a proxy token."""
         return b"ks_" in data or any(v in data for v in self._values_bytes)
 
+    def holds_value(self, data: bytes) -> bool:
+        """Whether `data` holds a secret value (in any of the spellings masked)."""
+        return any(v in data for v in self._values_bytes)
+
+    def mask_values(self, data: bytes) -> bytes:
+        """`data` with every secret value masked (and nothing else: an answer keyswap
+        passes on keeps whatever is shaped like a token)."""
+        for value in self._values_bytes:
+            if value in data:
+                data = data.replace(value, MASK_BYTES)
+        return data
+
+    def unfinished(self, data: bytes) -> int:
+        """How many bytes at the end of `data` may be the start of a secret value that
+        the next bytes finish: a stream masks them when it knows."""
+        for size in range(min(self.longest - 1, len(data)), 0, -1):
+            tail = data[-size:]
+            if any(v.startswith(tail) for v in self._values_bytes):
+                return size
+        return 0
+
     @property
     def longest(self) -> int:
         """The longest secret value's length, in bytes (0 when there is none)."""
@@ -139,10 +160,7 @@ class Redaction:
 
     def mask_bytes(self, data: bytes) -> bytes:
         """`data` with every secret value and every proxy-token-shaped value masked."""
-        for value in self._values_bytes:
-            if value in data:
-                data = data.replace(value, MASK_BYTES)
-        return mask_token_bytes(data)
+        return mask_token_bytes(self.mask_values(data))
 
     def url(self, url: str) -> str:
         for name in self.params:

@@ -14,8 +14,10 @@ from keyswap.gateway.stages.auth import Authenticate
 from keyswap.gateway.stages.cors import Cors
 from keyswap.gateway.stages.deliveries import Deliveries
 from keyswap.gateway.stages.drain import Drain
+from keyswap.gateway.stages.echo_mask import EchoMask
 from keyswap.gateway.stages.failures import Failures
 from keyswap.gateway.stages.firewall import Firewall
+from keyswap.gateway.stages.forward_routing import ForwardRouter
 from keyswap.gateway.stages.head_gate import HeadGate
 from keyswap.gateway.stages.headers import HeaderFilter
 from keyswap.gateway.stages.health import Health
@@ -48,6 +50,7 @@ def build() -> list[Any]:
         Firewall(settings),  # first on a parsed request: nothing reads it before this
         deliveries,  # its `done` stops leasing and lets its attempts end, before the drain
         Drain(),  # its `done` waits for requests in flight before the others close
+        ForwardRouter(settings, recorder.redaction),  # forward mode: by the tunnel, and token
         Router(settings),
         AsyncStatus(settings, deliveries),  # /_keyswap/requests/<id>, before health's 404
         Health(
@@ -69,6 +72,7 @@ def build() -> list[Any]:
         UpstreamProxies(settings),
         Streaming(),
         oauth2,  # after Streaming: a response it may retry must not stream
+        EchoMask(recorder.redaction),  # forward mode: after oauth2, whose retry it also masks
         Failures(settings),
         TlsToTargets(settings),
         recorder,  # last: it sees every decision and the masked flow

@@ -26,6 +26,10 @@ LIFECYCLE = ("load", "configure", "running", "done")
 EVENTS = (
     "client_connected",
     "client_disconnected",
+    "next_layer",
+    "http_connect",
+    "http_connected",
+    "http_connect_error",
     "requestheaders",
     "request",
     "responseheaders",
@@ -36,6 +40,7 @@ EVENTS = (
     "server_connected",
     "server_connect_error",
     "tls_start_server",
+    "websocket_message",
 )
 
 Hook = Callable[..., Any]
@@ -88,7 +93,7 @@ class Pipeline:
 
 # A stage that fails while the request is being decided must not let it through half
 # checked: the request is answered 500 instead (fail closed).
-REQUEST_SIDE = frozenset({"requestheaders", "request"})
+REQUEST_SIDE = frozenset({"http_connect", "requestheaders", "request"})
 
 
 def _refuse(flow: http.HTTPFlow) -> None:

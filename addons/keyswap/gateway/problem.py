@@ -29,6 +29,8 @@ BYTES_OUT = "keyswap.bytes_out"
 ATTEMPTS = "keyswap.attempts"
 ASYNC_ID = "keyswap.async_id"  # a respond-async request: its 202, or one of its attempts
 ASYNC_ATTEMPT = "keyswap.async_attempt"  # which delivery attempt this flow is (from 1)
+FORWARD = "keyswap.forward"  # forward mode: the origin the request goes to (its tunnel's)
+PASSTHROUGH = "keyswap.passthrough"  # forward mode: tunnelled or passed on untouched
 
 # response headers
 CODE_HEADER = "keyswap-proxy-code"

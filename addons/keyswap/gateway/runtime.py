@@ -1,5 +1,5 @@
 """The config compiled for serving: route table, token index, where each proxy's token
-may stand, rate-limit rows and header plans."""
+may stand, rate-limit rows, header plans and what forward mode intercepts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from urllib.parse import quote
 from keyswap.config.loader import LoadedConfig
 from keyswap.config.model import Config, Credential, HeaderCredential, QueryCredential
 from keyswap.config.tokens import TOKEN_HEADERS
+from keyswap.forward.origins import ForwardIndex
 from keyswap.gateway.header_plan import Plan, request_plan, response_plan
 from keyswap.gateway.routes import RouteTable
 from keyswap.state.rate_limits import Rate
@@ -50,6 +51,7 @@ class Runtime:
     header_plans: dict[str, tuple[Plan, Plan]] = field(default_factory=dict)  # request, response
     token_places: dict[str, TokenPlaces] = field(default_factory=dict)
     served: frozenset[str] = frozenset()  # the proxies this environment and region serve
+    forward: ForwardIndex = field(default_factory=ForwardIndex)  # what forward mode intercepts
 
     @property
     def config(self) -> Config:
@@ -81,4 +83,13 @@ class Runtime:
             pid: TokenPlaces.of(config.credentials.get(config.targets[proxy.target].credential))
             for pid, proxy in config.proxies.items()
         }
-        return cls(loaded, routes, tokens, rate_limits, header_plans, token_places, served)
+        return cls(
+            loaded,
+            routes,
+            tokens,
+            rate_limits,
+            header_plans,
+            token_places,
+            served,
+            ForwardIndex.of(config),
+        )

@@ -11,7 +11,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
-from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, ReverseMode
 
 from keyswap.config.loader import ConfigError, ConfigSource, LoadedConfig
 from keyswap.gateway.runtime import Runtime
@@ -129,10 +129,14 @@ class Settings:
 
 
 def mode_problem(modes: list[str]) -> str | None:
-    """keyswap is a reverse proxy in front of many targets: every listener must be reverse."""
-    if modes and all(isinstance(ProxyMode.parse(m), ReverseMode) for m in modes):
+    """keyswap's listeners are reverse (its front door) or regular (forward mode, for
+    programs behind HTTPS_PROXY); no other mode knows where a request may go."""
+    if modes and all(isinstance(ProxyMode.parse(m), (ReverseMode, RegularMode)) for m in modes):
         return None
-    return f"keyswap runs in reverse mode: --mode reverse:http://unused.invalid@8080 (got {modes})"
+    return (
+        "keyswap listens in reverse mode (--mode reverse:http://unused.invalid@8080) and "
+        f"forward mode (--mode regular@8081), no other (got {modes})"
+    )
 
 
 def listen_options(modes: Sequence[str], host: str, port: int | None) -> dict[str, Any]:

@@ -97,6 +97,8 @@ class AsyncAccept:
             return
         if delivery.attempt_of(flow) is not None:
             return  # never stored twice (delivery leaves `respond-async` out anyway)
+        if problem.FORWARD in flow.metadata:
+            return  # forward mode answers in place: a 202's Location would be the target's
         if fields.get(request.headers, b"upgrade") is not None:
             message = "a protocol upgrade (WebSocket) needs its client: it cannot be async"
             problem.deny(flow, 400, "bad-request", message)

@@ -88,6 +88,9 @@ class Firewall:
             status, message = refusal
             problem.deny(flow, status, REASONS[status], message)
 
+    # A forward-mode CONNECT is a request of its own, checked the same way.
+    http_connect = requestheaders
+
     def refusal(self, request: http.Request) -> tuple[int, str] | None:
         """Why the request must be refused, as (status, message), or None."""
         limits = self.settings.runtime.config.limits

@@ -172,8 +172,8 @@ class Recorder:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Every stage has decided; mitmweb adds the flow to its list after this hook.
         meta = flow.metadata
-        if problem.DESTINATION not in meta:
-            show_gateway_url(flow)
+        if problem.DESTINATION not in meta and problem.FORWARD not in meta:
+            show_gateway_url(flow)  # (forward mode's flows show where the client sent them)
         if self.live_view:
             proxy_id, code = meta.get(problem.PROXY), meta.get(problem.CODE)
             annotate(flow, proxy_id, code, meta.get(problem.MESSAGE))
@@ -183,6 +183,15 @@ class Recorder:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.record(flow)
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        # A tunnel keyswap does not look into is a row of its own; an intercepted
+        # tunnel's requests are rows each, the CONNECT none.
+        if flow.metadata.get(problem.PASSTHROUGH):
+            self.record(flow)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self.record(flow)  # a refused CONNECT
 
     def record(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata

@@ -28,21 +28,10 @@ class Router:
             return
         if flow.response or flow.error or not flow.live:
             return
-        raw = flow.request.data.path
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            flow.metadata[problem.PATH] = raw.decode("utf-8", "replace")
-            problem.deny(flow, 400, "bad-request", "the path is not UTF-8; percent-encode it")
-            return
-        # Flow metadata is saved and shown with the flow: the path as the client sent it,
-        # but with anything shaped like a proxy token masked. (Stages that need the raw
-        # query read it from the request, which the rewrite stage replaces.)
-        flow.metadata[problem.PATH] = mask_tokens(text)
-        path = text.partition("?")[0]
-        if "ks_" in path and TOKEN_SHAPE.search(path):
-            message = "a proxy token in the URL path is never forwarded"
-            problem.deny(flow, 400, "bad-request", message)
+        if problem.FORWARD in flow.metadata:
+            return  # forward mode's flow, routed by its destination (forward_routing.py)
+        path = client_path(flow)
+        if path is None:
             return
         if path == RESERVED_PREFIX or path.startswith(RESERVED_PREFIX + "/"):
             flow.metadata[problem.RESERVED] = True
@@ -55,6 +44,27 @@ class Router:
         flow.metadata[problem.PROXY] = proxy_id
         flow.metadata[problem.ROUTE] = route
         flow.metadata[problem.REST] = rest
+
+
+def client_path(flow: http.HTTPFlow, origin: str = "") -> str | None:
+    """The request's path as text, without its query; or None, the request refused (not
+    UTF-8, or a proxy token in the path). Also keeps, as `problem.PATH`, what the client
+    asked for (its `origin` first in forward mode): flow metadata is saved and shown
+    with the flow, so anything shaped like a proxy token is masked in it. (Stages that
+    need the raw query read it from the request, which the rewrite stage replaces.)"""
+    raw = flow.request.data.path
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        flow.metadata[problem.PATH] = origin + raw.decode("utf-8", "replace")
+        problem.deny(flow, 400, "bad-request", "the path is not UTF-8; percent-encode it")
+        return None
+    flow.metadata[problem.PATH] = mask_tokens(origin + text)
+    path = text.partition("?")[0]
+    if "ks_" in path and TOKEN_SHAPE.search(path):
+        problem.deny(flow, 400, "bad-request", "a proxy token in the URL path is never forwarded")
+        return None
+    return path
 
 
 # What a replay keeps of the flow's previous pass: its new id (the firewall's), and the
