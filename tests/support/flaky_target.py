@@ -7,7 +7,8 @@ method, path, headers, body) and answers each with the next step of its script:
 - `"429:1"` / `"503:2"`: that status with `Retry-After` seconds;
 - `"sleep:S"`: waits S seconds, then answers 200 (`"sleep:S:503"`: then that status);
 - `"echo"`: 200 with the request's headers as JSON (a target that echoes the credential);
-  `"echo-gzip"`: the same, gzip-compressed (`Content-Encoding: gzip`);
+  `"echo-gzip"`: the same, gzip-compressed (`Content-Encoding: gzip`); `"echo-chunked"`:
+  the same, chunked in pieces of 5 bytes (so that a secret spans several);
 - `"hold"`: waits until `gate` is set (at most a minute), then answers 200.
 
 When the script runs out, `default` answers. It also notes deliveries that overlap: two
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ def status_of(step: str) -> int | None:
     """The status a step answers with; None for `drop`."""
     if step == "drop":
         return None
-    if step in ("echo", "echo-gzip", "hold"):
+    if step in ("echo", "echo-gzip", "echo-chunked", "hold"):
         return 200
     if step.startswith("sleep:"):
         parts = step.split(":")
@@ -63,6 +65,8 @@ class _Server(ThreadingHTTPServer):
 class FlakyTarget:
     script: list[str] = field(default_factory=list)
     default: str = "200"
+    host: str = "127.0.0.1"
+    tls: ssl.SSLContext | None = None  # HTTPS with this server context
 
     def __post_init__(self) -> None:
         self.arrivals: list[Arrival] = []
@@ -109,7 +113,7 @@ class FlakyTarget:
                     return
                 status, retry_after = step, None
                 encoding = None
-                if step in ("echo", "echo-gzip"):
+                if step in ("echo", "echo-gzip", "echo-chunked"):
                     body = json.dumps(dict(self.headers.items())).encode()
                     status = "200"
                     if step == "echo-gzip":
@@ -122,6 +126,9 @@ class FlakyTarget:
                     status = str(status_of(step))
                 elif ":" in step:
                     status, retry_after = step.split(":")
+                if step == "echo-chunked":
+                    self.chunked(body)
+                    return
                 self.send_response(int(status))
                 if retry_after is not None:
                     self.send_header("retry-after", retry_after)
@@ -132,12 +139,27 @@ class FlakyTarget:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def chunked(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for i in range(0, len(body), 5):
+                    self.wfile.write(
+                        b"5\r\n" if len(body) - i >= 5 else b"%x\r\n" % (len(body) - i)
+                    )
+                    self.wfile.write(body[i : i + 5] + b"\r\n")
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.server = _Server((self.host, 0), Handler)
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()

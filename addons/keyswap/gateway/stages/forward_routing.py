@@ -141,12 +141,15 @@ class ForwardRouter:
             meta[problem.REST] = "/" + origin + path  # the full-URL form of reverse mode
 
     def _carries_secret(self, flow: http.HTTPFlow) -> bool:
-        """Refuses a request whose target or header values hold a configured secret."""
-        data = flow.request.data
-        if self.redaction().holds_value(data.path + b"\n".join(v for _, v in data.headers.fields)):
-            problem.deny(flow, 403, "secret-in-request", SECRET)
-            return True
-        return False
+        """Refuses a request whose target or header values hold a configured secret, and
+        masks it there: the flow is shown (mitmweb, `flow_detail`) and may be saved."""
+        redact, data = self.redaction(), flow.request.data
+        if not redact.holds_value(data.path + b"\n".join(v for _, v in data.headers.fields)):
+            return False
+        data.path = redact.mask_values(data.path)
+        data.headers.fields = tuple((k, redact.mask_values(v)) for k, v in data.headers.fields)
+        problem.deny(flow, 403, "secret-in-request", SECRET)
+        return True
 
 
 def _named_elsewhere(flow: http.HTTPFlow, scheme: str, host: str, port: int) -> str | None:
