@@ -1,0 +1,106 @@
+import gzip
+import zlib
+
+import brotli  # type: ignore[import-untyped]
+import pytest
+from mitmproxy import http
+from mitmproxy.test import tflow
+
+from keyswap.config.model import Config
+from keyswap.config.secrets import Redaction
+from keyswap.gateway import problem
+from keyswap.gateway.stages.echo_mask import EchoMask, StreamMask, stream_decoder
+
+SECRET = "sk-echoed-secret-9f8e7d6c"
+REDACTION = Redaction(
+    Config.model_validate(
+        {"credentials": {"k": {"type": "bearer", "token": SECRET}}},
+    )
+)
+
+
+def forward_flow(body: bytes, **headers: str) -> http.HTTPFlow:
+    response = http.Response.make(200)
+    response.headers.update(headers)
+    response.raw_content = body  # as it came, encoded
+    flow = tflow.tflow(resp=response)
+    flow.metadata[problem.FORWARD] = "https://api.example"
+    return flow
+
+
+def streamed(chunks: list[bytes], decode=lambda c: c) -> tuple[bytes, list[bytes]]:  # type: ignore[no-untyped-def]
+    mask = StreamMask(REDACTION, decode, None)
+    out = [mask(chunk) for chunk in chunks] + [mask(b"")]
+    return b"".join(out), out
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 7, 13, 64])
+def test_a_streamed_secret_is_masked_however_the_chunks_cut_it(size: int) -> None:
+    body = f'{{"echo": "Bearer {SECRET}", "again": "{SECRET}"}}'.encode()
+    whole, _ = streamed([body[i : i + size] for i in range(0, len(body), size)])
+    assert whole == body.replace(SECRET.encode(), b"********")
+
+
+def test_only_what_may_begin_a_secret_is_held_back() -> None:
+    # A server-sent event passes at once: its end cannot begin a secret.
+    _, out = streamed([b"data: one\n\n", b"data: two\n\n"])
+    assert out == [b"data: one\n\n", b"data: two\n\n", b""]
+    # The start of the secret waits for the next chunk; it was not the secret after all.
+    _, out = streamed([b"data: sk-echo", b"ing\n\n"])
+    assert out == [b"data: ", b"sk-echoing\n\n", b""]
+
+
+@pytest.mark.parametrize(
+    ("coding", "encode"),
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("br", brotli.compress),
+    ],
+)
+def test_a_compressed_stream_is_decoded_and_masked(coding: str, encode) -> None:  # type: ignore[no-untyped-def]
+    body = (b"x" * 1000 + SECRET.encode()) * 20
+    encoded = encode(body)
+    decode = stream_decoder(coding)
+    assert decode is not None
+    whole, _ = streamed([encoded[i : i + 17] for i in range(0, len(encoded), 17)], decode)
+    assert whole == body.replace(SECRET.encode(), b"********")
+
+
+def test_a_coding_keyswap_cannot_read_is_not_streamed_and_is_refused() -> None:
+    flow = forward_flow(b"opaque", **{"content-encoding": "compress"})
+    flow.response.stream = True  # type: ignore[union-attr]
+    stage = EchoMask(lambda: REDACTION)
+    stage.responseheaders(flow)
+    assert flow.response is not None and flow.response.stream is False
+    stage.response(flow)
+    assert flow.response.status_code == 502
+    assert flow.metadata[problem.CODE] == problem.PROXY_ERROR
+
+
+def test_a_buffered_answer_is_masked_in_its_headers_and_its_body_and_encoded_again() -> None:
+    body = f"you sent {SECRET}".encode()
+    flow = forward_flow(gzip.compress(body), **{"content-encoding": "gzip", "x-echo": SECRET})
+    EchoMask(lambda: REDACTION).response(flow)
+    response = flow.response
+    assert response is not None and response.headers["x-echo"] == "********"
+    assert response.headers["content-encoding"] == "gzip"
+    assert gzip.decompress(response.raw_content or b"") == b"you sent ********"
+
+
+def test_a_streamed_answer_reaches_the_client_decoded_and_chunked() -> None:
+    flow = forward_flow(b"", **{"content-encoding": "gzip", "content-length": "99"})
+    response = flow.response
+    assert response is not None
+    response.stream = True
+    EchoMask(lambda: REDACTION).responseheaders(flow)
+    assert "content-encoding" not in response.headers and "content-length" not in response.headers
+    assert response.headers["transfer-encoding"] == "chunked"
+    assert isinstance(response.stream, StreamMask)
+
+
+def test_reverse_mode_and_gateway_answers_are_left_alone() -> None:
+    flow = forward_flow(SECRET.encode())
+    del flow.metadata[problem.FORWARD]
+    EchoMask(lambda: REDACTION).response(flow)
+    assert flow.response is not None and flow.response.content == SECRET.encode()
