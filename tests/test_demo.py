@@ -37,6 +37,7 @@ def test_scripts_run_prints_commands_that_work_when_pasted(tmp_path: Path) -> No
     env = {
         **os.environ,
         "KEYSWAP_DEMO_PORT": str(port),
+        "KEYSWAP_DEMO_FORWARD_PORT": str(free_port()),
         "KEYSWAP_DEMO_TARGET_PORT": str(target),
         "KEYSWAP_DB": str(db),
     }

@@ -6,7 +6,8 @@ real gateway serving config/demo.yaml (scripts/run's demo, its log in var/demo.d
 front of the real echo target. `$ ` starts a command (a trailing `\\` continues it); the
 lines up to the next command are its expected output, where `...` stands for any text,
 including none or several lines. `localhost:8080` (or `127.0.0.1:8080`) names the demo
-gateway and `127.0.0.1:9911` the echo target, whatever ports they really have.
+gateway, `127.0.0.1:8081` its forward listener and `127.0.0.1:9911` the echo target,
+whatever ports they really have.
 `export NAME=...` and `. .venv/bin/activate` (the repository's own environment) carry
 over to the document's later commands. Blocks fenced as ```sh are illustrations and are
 not run."""
@@ -57,7 +58,7 @@ def steps(path: Path) -> list[Step]:
             command = lines[i][2:]
             while command.endswith("\\") and i + 1 < len(lines):
                 i += 1
-                command = command[:-1] + "\n" + lines[i]
+                command += "\n" + lines[i]  # bash reads the backslash-newline as one line
             i += 1
             out = []
             while i < len(lines) and not lines[i].startswith("$ "):
@@ -109,12 +110,11 @@ def test_console_examples_run_as_shown(doc: Path, tmp_path: Path) -> None:
     port_env = {"KEYSWAP_DEMO_TARGET_PORT": str(echo.port)}
     gateway = None
     try:
-        port = free_port()
+        port, forward = free_port(), free_port()
         cmd = [str(BIN / "keyswap"), "serve", "--config", str(work / "config" / "demo.yaml")]
         cmd += ["--db", str(work / "var" / "demo.db")]  # as scripts/run does
-        gateway = start(
-            [*cmd, "--listen", f"127.0.0.1:{port}"], port, tmp_path / "gw.log", port_env
-        )
+        cmd += ["--listen", f"127.0.0.1:{port}", "--forward", f"127.0.0.1:{forward}"]
+        gateway = start(cmd, port, tmp_path / "gw.log", port_env)
         env = {
             **os.environ,
             **port_env,
@@ -128,6 +128,7 @@ def test_console_examples_run_as_shown(doc: Path, tmp_path: Path) -> None:
 
         def local(text: str) -> str:
             text = re.sub(r"(localhost|127\.0\.0\.1):8080\b", rf"\g<1>:{port}", text)
+            text = text.replace("127.0.0.1:8081", f"127.0.0.1:{forward}")
             return text.replace("127.0.0.1:9911", f"127.0.0.1:{echo.port}")
 
         for step in steps(doc):

@@ -151,8 +151,11 @@ def test_where_a_gateway_is_reached(node: str, address: str, url: str) -> None:
         {"mode": "reverse", "address": address},
     ]
     gateway = Gateway("x", node, 1, listen, "/c.yaml", "d", "", "")
-    assert gateway.url() == url
+    assert gateway.url() == gateway.url("reverse") == url
+    assert gateway.url("forward") == "http://127.0.0.1:1"
     assert Gateway("x", node, 1, listen[:1], "/c.yaml", "d", "", "").url() is None
+    reverse_only = Gateway("x", node, 1, listen[1:], "/c.yaml", "d", "", "")
+    assert reverse_only.url("forward") is None
 
 
 def test_the_heartbeat_says_how_the_backend_answers(

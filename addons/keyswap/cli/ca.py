@@ -10,14 +10,27 @@ import click
 from keyswap.cli.options import config_option, json_option, print_json
 from keyswap.forward import ca as authority
 
+ca_dir_option = click.option(
+    "--ca-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="keyswap's CA's folder [default: keyswap-ca/ beside the config file].",
+)
+
+
+def ca_or_fail(config_path: str, ca_dir: Path | None) -> authority.CA:
+    """keyswap's CA for this config (made on first use), or exit 1 saying why not."""
+    folder = authority.folder_for(Path(config_path), ca_dir)
+    try:
+        return authority.ensure(folder)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(
+            f"no usable CA in {folder}: {e} (name another folder with --ca-dir)"
+        ) from e
+
 
 @click.command("ca")
 @config_option
-@click.option(
-    "--ca-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The CA's folder [default: keyswap-ca/ beside the config file].",
-)
+@ca_dir_option
 @click.option(
     "--export",
     "export_to",
@@ -34,13 +47,7 @@ def ca(config_path: str, ca_dir: Path | None, export_to: Path | None, as_json: b
     Example:
       keyswap ca --config config/keyswap.yaml --export keyswap-ca.pem
     """
-    folder = authority.folder_for(Path(config_path), ca_dir)
-    try:
-        found = authority.ensure(folder)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(
-            f"no usable CA in {folder}: {e} (name another folder with --ca-dir)"
-        ) from e
+    found = ca_or_fail(config_path, ca_dir)
     if export_to is not None:
         export_to.write_bytes(found.pem)
     if as_json:

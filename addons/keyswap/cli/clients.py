@@ -13,12 +13,11 @@ import httpx
 from ruamel.yaml.comments import CommentedMap
 
 from keyswap.cli import snippets
-from keyswap.cli.options import config_option, default_db, json_option, load_or_fail, print_json
+from keyswap.cli.gateways import listener_url
+from keyswap.cli.options import config_option, json_option, load_or_fail, print_json
 from keyswap.cli.proxies import proxy_or_fail, proxy_urls
 from keyswap.config.edit import dump, read_document
 from keyswap.config.substitution import is_indirect
-from keyswap.state.backends import StateError, is_url, open_backend
-from keyswap.state.registry import live_gateways
 
 
 def _gateway_url(url: str | None, config_path: str) -> str:
@@ -26,17 +25,7 @@ def _gateway_url(url: str | None, config_path: str) -> str:
     default address."""
     if url:
         return url.rstrip("/")
-    db = default_db(config_path)
-    if is_url(db) or Path(db).exists():
-        try:
-            with open_backend(db) as backend:
-                running = live_gateways(backend, Path(config_path))
-        except StateError:
-            running = []
-        for gateway in running:
-            if found := gateway.url():
-                return found
-    return _LOCAL
+    return listener_url(config_path, None, "reverse") or _LOCAL
 
 
 _LOCAL = "http://127.0.0.1:8080"

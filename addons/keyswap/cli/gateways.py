@@ -3,16 +3,43 @@ the state database (a thin layer over `keyswap.state.registry`)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import click
 
-from keyswap.cli.options import config_option, db_option, json_option, print_json, reading
+from keyswap.cli.options import (
+    config_option,
+    db_option,
+    default_db,
+    json_option,
+    print_json,
+    reading,
+)
 from keyswap.cli.options import table as text_table
 from keyswap.config.loader import ConfigError, load_config
+from keyswap.state.backends import StateError, is_url, open_backend
 from keyswap.state.registry import LIVE_WITHIN_S, live_gateways
 
 COLUMNS = ["id", "node", "pid", "listen", "config_digest", "last_seen", "current"]
+
+
+def listener_url(config_path: str, db_path: str | None, mode: str) -> str | None:
+    """The URL of a live gateway's `mode` listener (reverse or forward) for this config,
+    one on this node first; None when there is none, or no state database to ask."""
+    db = db_path or default_db(config_path)
+    if not is_url(db) and not Path(db).exists():
+        return None
+    try:
+        with open_backend(db) as backend:
+            running = live_gateways(backend, Path(config_path))
+    except StateError:
+        return None
+    here = socket.gethostname()
+    for gateway in sorted(running, key=lambda g: g.node != here):
+        if found := gateway.url(mode):
+            return found
+    return None
 
 
 @click.command()

@@ -26,11 +26,16 @@ class Template:
     @property
     def env_vars(self) -> list[str]:
         """The environment variables the credential reads."""
-        return [
-            v[6:-1]
-            for v in self.credential.values()
-            if isinstance(v, str) and v.startswith("${env:")
-        ]
+        return [name for v in self.credential.values() if (name := _env_name(v))]
+
+    @property
+    def key_env_var(self) -> str | None:
+        """The variable that holds the key a program sends, where a program made for this
+        API looks for it (OPENAI_API_KEY): the bearer token, the header's or query
+        parameter's value, basic's password. None for OAuth2: a program holds no key."""
+        secret = {"bearer": "token", "header": "value", "query": "value", "basic": "password"}
+        field_name = secret.get(str(self.credential["type"]))
+        return _env_name(self.credential[field_name]) if field_name else None
 
     @property
     def placement(self) -> str:
@@ -38,6 +43,13 @@ class Template:
         if kind in ("header", "query"):
             return f"{kind} {self.credential['name']}"
         return {"bearer": "Authorization: Bearer", "basic": "Authorization: Basic"}.get(kind, kind)
+
+
+def _env_name(value: object) -> str | None:
+    """NAME, of a `${env:NAME}` reference."""
+    if isinstance(value, str) and value.startswith("${env:") and value.endswith("}"):
+        return value[6:-1]
+    return None
 
 
 def _env(prefix: str, name: str) -> str:

@@ -65,12 +65,12 @@ class Gateway:
             row["last_seen"],
         )
 
-    def url(self) -> str | None:
-        """Where to reach it (its `/_keyswap/health`): its first reverse-mode listener. One
-        bound to every address is reached on loopback on this node, else at the node's
-        name."""
+    def url(self, mode: str = "reverse") -> str | None:
+        """Where to reach its first listener of `mode`: reverse (its `/_keyswap/health`)
+        or forward (the proxy a program is given). One bound to every address is reached
+        on loopback on this node, else at the node's name."""
         for listener in self.listen:
-            if listener.get("mode") == "reverse":
+            if listener.get("mode") == mode:
                 host, _, port = listener["address"].rpartition(":")
                 host = host.strip("[]")
                 if host in _UNSPECIFIED:
