@@ -464,12 +464,16 @@ def test_a_passthrough_host_is_tunnelled_untouched_with_its_own_certificate(worl
     assert row["message"] == "tunnelled untouched (forward.passthrough)"
 
 
-@pytest.mark.parametrize("step", ["echo-gzip", "echo-chunked"])
-def test_an_echoed_secret_comes_back_masked_compressed_or_streamed(world: World, step: str) -> None:
+@pytest.mark.parametrize("http", ["--http2", "--http1.1"])
+@pytest.mark.parametrize("step", ["echo-gzip", "echo-chunked", "echo-gzip-chunked"])
+def test_an_echoed_secret_comes_back_masked_compressed_or_streamed(
+    world: World, step: str, http: str
+) -> None:
     world.tls.script.append(step)
     before = len(world.tls.arrivals)
     result = world.curl(
         f"https://localhost:{world.tls.port}/echo",
+        http,
         "--compressed",
         "-H",
         f"x-api-key: {world.tokens['api']}",

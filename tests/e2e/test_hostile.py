@@ -199,6 +199,13 @@ def test_deny_rules_cannot_be_dodged_by_spelling(stage: Stage, path: bytes) -> N
     assert json.loads(answer.body)["type"] == "urn:keyswap:problem:rule"
 
 
+@pytest.mark.parametrize("path", [b"/admin%09/x", b"/admin%00/x", b"/admin%2509/x", b"/admin%7f/x"])
+def test_a_percent_encoded_control_character_is_refused(stage: Stage, path: bytes) -> None:
+    # lenient backends trim `%09` or cut at `%00`: `/admin%09/x` would be `/admin/x`
+    answer = refused(stage, request(stage, b"GET /api/p" + path + b" HTTP/1.1"), 400)
+    assert "control character" in json.loads(answer.body)["detail"]
+
+
 def test_connection_cannot_remove_the_host_header(stage: Stage) -> None:
     received = forwarded(stage, request(stage, b"GET /api/p/x HTTP/1.1", b"Connection: host"))
     head = received.split(b"\r\n\r\n")[0].lower()

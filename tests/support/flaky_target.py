@@ -9,6 +9,7 @@ method, path, headers, body) and answers each with the next step of its script:
 - `"echo"`: 200 with the request's headers as JSON (a target that echoes the credential);
   `"echo-gzip"`: the same, gzip-compressed (`Content-Encoding: gzip`); `"echo-chunked"`:
   the same, chunked in pieces of 5 bytes (so that a secret spans several);
+  `"echo-gzip-chunked"`: gzip-compressed, then chunked so;
 - `"hold"`: waits until `gate` is set (at most a minute), then answers 200.
 
 When the script runs out, `default` answers. It also notes deliveries that overlap: two
@@ -45,7 +46,7 @@ def status_of(step: str) -> int | None:
     """The status a step answers with; None for `drop`."""
     if step == "drop":
         return None
-    if step in ("echo", "echo-gzip", "echo-chunked", "hold"):
+    if step in ("echo", "echo-gzip", "echo-chunked", "echo-gzip-chunked", "hold"):
         return 200
     if step.startswith("sleep:"):
         parts = step.split(":")
@@ -113,10 +114,10 @@ class FlakyTarget:
                     return
                 status, retry_after = step, None
                 encoding = None
-                if step in ("echo", "echo-gzip", "echo-chunked"):
+                if step in ("echo", "echo-gzip", "echo-chunked", "echo-gzip-chunked"):
                     body = json.dumps(dict(self.headers.items())).encode()
                     status = "200"
-                    if step == "echo-gzip":
+                    if step in ("echo-gzip", "echo-gzip-chunked"):
                         body, encoding = gzip.compress(body), "gzip"
                 elif step == "hold":
                     target.gate.wait(60)
@@ -126,8 +127,8 @@ class FlakyTarget:
                     status = str(status_of(step))
                 elif ":" in step:
                     status, retry_after = step.split(":")
-                if step == "echo-chunked":
-                    self.chunked(body)
+                if step.endswith("-chunked"):
+                    self.chunked(body, encoding)
                     return
                 self.send_response(int(status))
                 if retry_after is not None:
@@ -139,9 +140,11 @@ class FlakyTarget:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def chunked(self, body: bytes) -> None:
+            def chunked(self, body: bytes, encoding: str | None) -> None:
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
+                if encoding:
+                    self.send_header("content-encoding", encoding)
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
                 for i in range(0, len(body), 5):

@@ -178,10 +178,12 @@ class Redaction:
 
 def _written_as(value: str) -> set[str]:
     """Other spellings of a secret that an answer may hold: percent-encoded (a query
-    string echoed), JSON-escaped, base64 (with and without padding)."""
+    string echoed; also as keyswap writes a query credential, `*` kept), JSON-escaped,
+    base64 (with and without padding)."""
     raw = value.encode("utf-8", "surrogateescape")
     b64 = base64.b64encode(raw).decode()
-    return {quote(value, safe=""), json.dumps(value)[1:-1], b64, b64.rstrip("=")} - {value}
+    encoded = {quote(value, safe=""), quote(value, safe="*")}
+    return {*encoded, json.dumps(value)[1:-1], b64, b64.rstrip("=")} - {value}
 
 
 def mask_tokens(text: str) -> str:

@@ -1,4 +1,5 @@
 import gzip
+import sys
 import zlib
 
 import brotli  # type: ignore[import-untyped]
@@ -7,9 +8,14 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from keyswap.config.model import Config
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 from keyswap.config.secrets import Redaction
 from keyswap.gateway import problem
-from keyswap.gateway.stages.echo_mask import EchoMask, StreamMask, stream_decoder
+from keyswap.gateway.stages.echo_mask import BodyDecoder, EchoMask, StreamMask
 
 SECRET = "sk-echoed-secret-9f8e7d6c"
 REDACTION = Redaction(
@@ -28,10 +34,11 @@ def forward_flow(body: bytes, **headers: str) -> http.HTTPFlow:
     return flow
 
 
-def streamed(chunks: list[bytes], decode=lambda c: c) -> tuple[bytes, list[bytes]]:  # type: ignore[no-untyped-def]
-    mask = StreamMask(REDACTION, decode, None)
+def streamed(chunks: list[bytes], coding: str = "") -> tuple[bytes, list[bytes]]:
+    mask = StreamMask(REDACTION, BodyDecoder(coding), None)
     out = [mask(chunk) for chunk in chunks] + [mask(b"")]
-    return b"".join(out), out
+    sent = [piece for piece in out if piece != []]  # no chunk sent
+    return b"".join(sent), sent
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 7, 13, 64])
@@ -48,6 +55,8 @@ def test_only_what_may_begin_a_secret_is_held_back() -> None:
     # The start of the secret waits for the next chunk; it was not the secret after all.
     _, out = streamed([b"data: sk-echo", b"ing\n\n"])
     assert out == [b"data: ", b"sk-echoing\n\n", b""]
+    # A chunk held back whole sends nothing: an empty chunk would end a chunked body.
+    assert StreamMask(REDACTION, BodyDecoder(""), None)(b"sk-ech") == []
 
 
 @pytest.mark.parametrize(
@@ -56,19 +65,53 @@ def test_only_what_may_begin_a_secret_is_held_back() -> None:
         ("gzip", gzip.compress),
         ("deflate", zlib.compress),
         ("br", brotli.compress),
+        ("zstd", zstd.compress),
+        ("gzip", lambda b: gzip.compress(b[:5000]) + gzip.compress(b[5000:])),  # two members
     ],
 )
 def test_a_compressed_stream_is_decoded_and_masked(coding: str, encode) -> None:  # type: ignore[no-untyped-def]
     body = (b"x" * 1000 + SECRET.encode()) * 20
     encoded = encode(body)
-    decode = stream_decoder(coding)
-    assert decode is not None
-    whole, _ = streamed([encoded[i : i + 17] for i in range(0, len(encoded), 17)], decode)
+    whole, _ = streamed([encoded[i : i + 17] for i in range(0, len(encoded), 17)], coding)
     assert whole == body.replace(SECRET.encode(), b"********")
 
 
-def test_a_coding_keyswap_cannot_read_is_not_streamed_and_is_refused() -> None:
-    flow = forward_flow(b"opaque", **{"content-encoding": "compress"})
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        gzip.compress(b"fine") + b"TRAILING " + SECRET.encode(),  # plain text after the end
+        zlib.compress(b"fine") + b"x" + zlib.compress(SECRET.encode()),
+        b"not gzip at all " + SECRET.encode(),
+    ],
+)
+def test_bytes_that_are_not_the_coding_are_never_passed_on(encoded: bytes) -> None:
+    flow = forward_flow(encoded, **{"content-encoding": "gzip"})
+    EchoMask(lambda: REDACTION).response(flow)
+    assert flow.response is not None and flow.response.status_code == 502
+    assert SECRET.encode() not in (flow.response.raw_content or b"")
+    whole, _ = streamed([encoded], "gzip")
+    assert SECRET.encode() not in whole
+
+
+def test_an_unfinished_body_is_refused() -> None:
+    flow = forward_flow(gzip.compress(SECRET.encode() * 10)[:-12], **{"content-encoding": "gzip"})
+    EchoMask(lambda: REDACTION).response(flow)
+    assert flow.response is not None and flow.response.status_code == 502
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"content-encoding": "compress"},
+        {"content-encoding": "rot13"},  # mitmproxy would decode it with codecs
+        {"content-encoding": "gzip, br"},
+        {"transfer-encoding": "gzip, chunked"},
+    ],
+)
+def test_a_coding_keyswap_cannot_read_is_not_streamed_and_is_refused(
+    headers: dict[str, str],
+) -> None:
+    flow = forward_flow(SECRET.encode(), **headers)
     flow.response.stream = True  # type: ignore[union-attr]
     stage = EchoMask(lambda: REDACTION)
     stage.responseheaders(flow)
@@ -78,18 +121,32 @@ def test_a_coding_keyswap_cannot_read_is_not_streamed_and_is_refused() -> None:
     assert flow.metadata[problem.CODE] == problem.PROXY_ERROR
 
 
-def test_a_buffered_answer_is_masked_in_its_headers_and_its_body_and_encoded_again() -> None:
+def test_a_buffered_answer_is_masked_in_its_headers_and_its_body_and_sent_decoded() -> None:
     body = f"you sent {SECRET}".encode()
     flow = forward_flow(gzip.compress(body), **{"content-encoding": "gzip", "x-echo": SECRET})
     EchoMask(lambda: REDACTION).response(flow)
     response = flow.response
     assert response is not None and response.headers["x-echo"] == "********"
-    assert response.headers["content-encoding"] == "gzip"
-    assert gzip.decompress(response.raw_content or b"") == b"you sent ********"
+    assert "content-encoding" not in response.headers  # sent decoded, with its own length
+    assert response.raw_content == b"you sent ********"
+    assert response.headers["content-length"] == str(len(b"you sent ********"))
 
 
-def test_a_streamed_answer_reaches_the_client_decoded_and_chunked() -> None:
-    flow = forward_flow(b"", **{"content-encoding": "gzip", "content-length": "99"})
+def test_the_reason_phrase_and_header_names_are_masked_too() -> None:
+    flow = forward_flow(b"", **{f"x-{SECRET}": "1", "x-other": "2"})
+    assert flow.response is not None
+    flow.response.reason = f"OK {SECRET}"
+    flow.response.trailers = http.Headers(**{"x-trailer": SECRET})
+    EchoMask(lambda: REDACTION).response(flow)
+    assert flow.response.reason == "OK ********"
+    assert list(flow.response.headers) == ["content-length", "x-other"]
+    assert flow.response.trailers["x-trailer"] == "********"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "identity"])
+def test_a_streamed_answer_reaches_the_client_decoded_and_chunked(coding: str) -> None:
+    # masking changes the length: the target's content-length cannot stay
+    flow = forward_flow(b"", **{"content-encoding": coding, "content-length": "99"})
     response = flow.response
     assert response is not None
     response.stream = True

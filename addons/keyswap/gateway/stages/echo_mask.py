@@ -1,13 +1,17 @@
 """Forward mode's answers reach a program that must never learn a target credential:
 a target's response that echoes one (a debug endpoint, an error quoting the request's
-headers) comes back with it masked as `********`, in its headers and its body.
+headers) comes back with it masked as `********`: in its reason phrase, header values
+(a field whose name holds one is dropped), trailers, body and WebSocket messages.
 
-A buffered body is decoded first (gzip, deflate, br, zstd), masked, and encoded again;
-a streamed one is decoded and masked as it passes, holding back only the bytes at a
-chunk's end that may begin a secret the next chunk finishes (a server-sent event's
-blank line never does, so events still pass one by one), and reaches the client
-decoded. A body keyswap cannot decode is read whole and not passed on (502): it could
-hold a secret. WebSocket messages from the target are masked too."""
+A body is read only in a coding keyswap decodes strictly itself (identity, gzip,
+deflate, br, zstd: every byte must belong to a complete encoded stream, so nothing can
+hide after the end or in a coding a client reads more leniently) and only with plain
+`chunked` or no transfer coding; anything else is not passed on (502): it could hold a
+secret. A buffered body is decoded, masked and then reaches the client decoded when it
+held a secret (unchanged otherwise). A streamed one is decoded and masked as it passes,
+and reaches the client decoded and chunked, holding back only the bytes at a chunk's
+end that may begin a secret the next chunk finishes (a server-sent event's blank line
+never does, so events still pass one by one)."""
 
 from __future__ import annotations
 
@@ -19,35 +23,76 @@ from typing import Any
 import brotli  # type: ignore[import-untyped]
 from mitmproxy import http, websocket
 
+from keyswap.config.secrets import Redaction
+from keyswap.gateway import problem
+
 if sys.version_info >= (3, 14):
     from compression import zstd
 else:  # as mitmproxy, which brings it
     from backports import zstd
 
-from keyswap.config.secrets import Redaction
-from keyswap.gateway import problem
-
-UNREADABLE = "the target's answer is encoded in a way keyswap cannot inspect ({}): not passed on"
-
-
-Decoder = Callable[[bytes], bytes]
+UNREADABLE = "keyswap.unreadable"  # why an answer cannot be checked for secrets
+UNREADABLE_MESSAGE = "the target's answer cannot be checked for secrets ({}): not passed on"
+CODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate", "br", "zstd"})
 
 
-def stream_decoder(name: str) -> Decoder | None:
-    """A decoder of one streamed body in `name`'s content coding, or None when keyswap
-    knows none (`identity` decodes to itself)."""
-    if name in ("", "identity"):
-        return lambda chunk: chunk
-    decoder: Any
-    if name in ("gzip", "x-gzip", "deflate"):
-        decoder = zlib.decompressobj(47)  # gzip or zlib headers, as mitmproxy reads them
-        return lambda chunk: decoder.decompress(chunk)
-    if name == "br":
-        decoder = brotli.Decompressor()
-        return lambda chunk: bytes(decoder.process(chunk))
-    if name == "zstd":
-        decoder = zstd.ZstdDecompressor()
-        return lambda chunk: bytes(decoder.decompress(chunk))
+class BodyDecoder:
+    """Decodes one body in a content coding, strictly: several gzip members, zlib
+    streams or zstd frames may follow each other, but nothing else; `finished` says
+    whether the last one ended. Raises ValueError on anything that is not the coding."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self._part = self._new()
+
+    def _new(self) -> Any:
+        if self.coding in ("gzip", "x-gzip", "deflate"):
+            return zlib.decompressobj(47)  # a gzip or a zlib header, as mitmproxy reads them
+        if self.coding == "br":
+            return brotli.Decompressor()
+        if self.coding == "zstd":
+            return zstd.ZstdDecompressor()
+        return None
+
+    def feed(self, data: bytes) -> bytes:
+        part = self._part
+        if part is None:
+            return data
+        try:
+            if self.coding == "br":
+                if data and part.is_finished():
+                    raise ValueError("data after the end of a br stream")
+                return bytes(part.process(data))
+            out = []
+            while data:
+                if part.eof:  # the previous member ended: the rest must be another
+                    part = self._part = self._new()
+                out.append(part.decompress(data))
+                data = part.unused_data if part.eof else b""
+            return b"".join(out)
+        except (zlib.error, brotli.error, zstd.ZstdError, EOFError) as e:
+            raise ValueError(f"not valid {self.coding}: {e}") from None
+
+    @property
+    def finished(self) -> bool:
+        part = self._part
+        if part is None:
+            return True
+        return bool(part.is_finished() if self.coding == "br" else part.eof)
+
+
+def coding_of(response: http.Response) -> str:
+    return str(response.headers.get("content-encoding", "")).strip().lower()
+
+
+def unreadable(response: http.Response) -> str | None:
+    """Why keyswap cannot read the answer's body to mask it, or None."""
+    coding = coding_of(response)
+    if coding not in CODINGS:
+        return f"content-encoding: {coding}"
+    framing = response.headers.get("transfer-encoding", "").strip().lower()
+    if framing not in ("", "chunked"):
+        return f"transfer-encoding: {framing}"
     return None
 
 
@@ -56,16 +101,22 @@ class StreamMask:
     one that was there before (which counts the bytes)."""
 
     def __init__(
-        self, redact: Redaction, decode: Decoder, then: Callable[[bytes], Any] | None
+        self, redact: Redaction, decoder: BodyDecoder, then: Callable[[bytes], Any] | None
     ) -> None:
-        self.redact, self.decode, self.then = redact, decode, then
+        self.redact, self.decoder, self.then = redact, decoder, then
         self.held = b""
 
     def __call__(self, chunk: bytes) -> Any:
         if chunk:
-            data = self.redact.mask_values(self.held + self.decode(chunk))
+            try:
+                decoded = self.decoder.feed(chunk)
+            except ValueError:
+                decoded = b""  # what is not the coding is never passed on
+            data = self.redact.mask_values(self.held + decoded)
             keep = self.redact.unfinished(data)
             self.held, data = data[len(data) - keep :], data[: len(data) - keep]
+            if not data:
+                return []  # no chunk: an empty one would end a chunked body
         else:  # the end: what was held back is not the start of a secret after all
             data, self.held = self.held, b""
         return self.then(data) if self.then is not None else data
@@ -79,46 +130,51 @@ class EchoMask:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        if response is None or problem.FORWARD not in flow.metadata:
-            return
-        if flow.metadata.get(problem.ANSWERED) or flow.metadata.get(problem.PASSTHROUGH):
+        if response is None or not _masked(flow):
             return
         redact = self.redaction()
-        _mask_headers(response, redact)
-        if not response.stream:
-            return  # masked whole once it is in (`response`)
-        coding = response.headers.get("content-encoding", "").strip().lower()
-        decode = stream_decoder(coding)
-        if decode is None:
+        _mask_head(response, redact)
+        if why := unreadable(response):
+            flow.metadata[UNREADABLE] = why
             response.stream = False  # read whole, then refused (`response`): see there
             return
-        if coding not in ("", "identity"):
-            del response.headers["content-encoding"]
-            response.headers.pop("content-length", None)
-            if response.http_version.startswith("HTTP/1") and "transfer-encoding" not in (
-                response.headers
-            ):
-                response.headers["transfer-encoding"] = "chunked"
+        if not response.stream:
+            return  # masked whole once it is in (`response`)
+        coding = coding_of(response)
+        headers = response.headers
+        headers.pop("content-encoding", None)  # the client gets it decoded
+        headers.pop("content-length", None)  # and masked: another length
+        if response.http_version.startswith("HTTP/1") and "transfer-encoding" not in headers:
+            headers["transfer-encoding"] = "chunked"
         previous = response.stream if callable(response.stream) else None
-        response.stream = StreamMask(redact, decode, previous)
+        response.stream = StreamMask(redact, BodyDecoder(coding), previous)
 
     def response(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        if response is None or problem.FORWARD not in flow.metadata or response.stream:
+        if response is None or not _masked(flow):
             return
-        if flow.metadata.get(problem.ANSWERED) or flow.metadata.get(problem.PASSTHROUGH):
+        if why := flow.metadata.get(UNREADABLE):
+            _refuse(flow, why)
             return
         redact = self.redaction()
-        _mask_headers(response, redact)  # again: an OAuth2 retry brings a new response
-        if not response.raw_content:
+        _mask_head(response, redact)  # again: an OAuth2 retry brings a new response
+        if response.trailers:
+            response.trailers.fields = _masked_fields(response.trailers.fields, redact)
+        raw = response.raw_content
+        if response.stream or not raw:
             return
+        decoder = BodyDecoder(coding_of(response))
         try:
-            body = response.get_content(strict=True)
-        except ValueError:
-            _refuse(flow, response.headers.get("content-encoding", ""))
+            body = decoder.feed(raw)
+        except ValueError as e:
+            _refuse(flow, str(e))
             return
-        if body is not None and redact.holds_value(body):
-            response.content = redact.mask_values(body)  # encoded again as it came
+        if not decoder.finished:
+            _refuse(flow, f"the {coding_of(response)} body ends early")
+            return
+        if redact.holds_value(body) or redact.holds_value(raw):
+            response.headers.pop("content-encoding", None)
+            response.content = redact.mask_values(body)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         if problem.FORWARD not in flow.metadata or flow.websocket is None:
@@ -128,12 +184,30 @@ class EchoMask:
             message.content = self.redaction().mask_values(message.content)
 
 
-def _mask_headers(response: http.Response, redact: Redaction) -> None:
-    raw = response.headers.fields
-    if redact.holds_value(b"\n".join(v for _, v in raw)):
-        response.headers.fields = tuple((k, redact.mask_values(v)) for k, v in raw)
+def _masked(flow: http.HTTPFlow) -> bool:
+    """Whether the flow's answer is the target's, in forward mode."""
+    meta = flow.metadata
+    if problem.FORWARD not in meta:
+        return False
+    return not (meta.get(problem.ANSWERED) or meta.get(problem.PASSTHROUGH))
 
 
-def _refuse(flow: http.HTTPFlow, coding: str) -> None:
-    flow.response = problem.make(flow, 502, "unreadable-answer", UNREADABLE.format(coding))
+def _mask_head(response: http.Response, redact: Redaction) -> None:
+    data = response.data
+    data.reason = redact.mask_values(data.reason)
+    data.headers.fields = _masked_fields(data.headers.fields, redact)
+
+
+def _masked_fields(
+    raw: tuple[tuple[bytes, bytes], ...], redact: Redaction
+) -> tuple[tuple[bytes, bytes], ...]:
+    """Header fields with every secret value masked; a field whose name holds one is
+    dropped (a name cannot be masked and stay a name)."""
+    if not redact.holds_value(b"\n".join(k + b"\n" + v for k, v in raw)):
+        return raw
+    return tuple((k, redact.mask_values(v)) for k, v in raw if not redact.holds_value(k))
+
+
+def _refuse(flow: http.HTTPFlow, why: str) -> None:
+    flow.response = problem.make(flow, 502, "unreadable-answer", UNREADABLE_MESSAGE.format(why))
     flow.metadata[problem.ANSWERED] = True

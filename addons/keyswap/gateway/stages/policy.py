@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 # Refused unless a proxy lists them in `methods`: TRACE echoes the request (and its
 # credentials) back, TRACK is its IIS twin.
 UNSAFE_METHODS = frozenset({"TRACE", "TRACK"})
+# A control character a path spells percent-encoded (the firewall refuses raw ones):
+# lenient backends trim or cut at `%09` and `%00`, so a rule could not say what it means.
+_ENCODED_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DEFAULT_ALLOW = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -118,6 +121,10 @@ class Policy:
             dest = resolve(target, flow.metadata[problem.REST], query)
         except Refused as e:
             problem.deny(flow, 403, "host", str(e))
+            return None
+        if "%" in flow.metadata[problem.REST] and _ENCODED_CONTROL.search(dest.relative):
+            message = "the path holds a percent-encoded control character"
+            problem.deny(flow, 400, "bad-request", message)
             return None
         rule = rule_verdict(proxy.rules, method, rule_path(dest.relative))
         if rule is not None and rule.action == "deny":
