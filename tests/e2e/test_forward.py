@@ -180,6 +180,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "--set", f"confdir={tmp / 'keyswap-ca'}",
         "--set", f"keyswap_config={config}", "--set", f"keyswap_db={db}",
         "--set", "flow_detail=3",  # everything mitmproxy shows goes to the output
+        "--set", f"save_stream_file={tmp / 'flows.mitm'}",  # and every flow is saved
     ]  # fmt: skip
     gateway = start(cmd, port, tmp / "gateway.log", ENV)
     yield World(
@@ -488,7 +489,10 @@ def test_no_secret_or_token_in_the_log_the_database_or_the_output(world: World) 
     # after the tests above (module order): every secret went to a target, some echoed
     assert world.rows("mode = 'forward'")
     output = world.gateway.output()
-    stored = b"".join(p.read_bytes() for p in world.tmp.glob("keyswap.db*"))
+    assert (world.tmp / "flows.mitm").stat().st_size > 0
+    stored = b"".join(
+        p.read_bytes() for p in [*world.tmp.glob("keyswap.db*"), world.tmp / "flows.mitm"]
+    )
     for value in [*SECRETS.values(), PROXY_PASSWORD, *world.tokens.values()]:
         assert value not in output, value
         assert value.encode() not in stored, value
