@@ -16,16 +16,22 @@ against keyswap on its SQLite default, paired like B/A; skipped, saying so, when
 PostgreSQL is not installed. Results: bench/results.json and a table. `--only workers`
 and `--only backends` run one of those phases alone; so does `--only async` (the accept
 rate of `Prefer: respond-async` requests against synchronous ones, and the delivery
-rate of queued requests with `--workers 1` and 2). Run it with scripts/bench (which
-installs wrk and nginx when it can).
+rate of queued requests with `--workers 1` and 2), and `--only forward` (forward mode:
+keyswap's forward listener against its reverse one and against bare `mitmdump --mode
+regular`, over HTTP and HTTPS, and what TLS interception costs per new connection and
+per request; see `forward_phase`). Run it with scripts/bench (which installs wrk and
+nginx when it can).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -33,15 +39,19 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -111,7 +121,8 @@ class Proc:
         return 0
 
 
-def nginx(stack: ExitStack, work: Path, name: str, server: str) -> Proc:
+def nginx(stack: ExitStack, work: Path, name: str, server: str, listen: str = "") -> Proc:
+    """nginx with one server (`listen`: options after the address, e.g. " ssl")."""
     port = free_port()
     folder = work / name
     folder.mkdir()
@@ -122,7 +133,8 @@ def nginx(stack: ExitStack, work: Path, name: str, server: str) -> Proc:
         "events { worker_connections 4096; }\n"
         f"http {{\n access_log off;\n client_body_temp_path {folder};\n proxy_temp_path {folder};\n"
         f" fastcgi_temp_path {folder};\n uwsgi_temp_path {folder};\n scgi_temp_path {folder};\n"
-        f" keepalive_requests 1000000;\n server {{\n  listen 127.0.0.1:{port};\n{server}\n }}\n}}\n"
+        f" keepalive_requests 1000000;\n server {{\n  listen 127.0.0.1:{port}{listen};\n"
+        f"{server}\n }}\n}}\n"
     )
     return Proc(
         stack, ["nginx", "-c", str(conf), "-e", str(folder / "error.log")], port, folder / "out.log"
@@ -132,7 +144,12 @@ def nginx(stack: ExitStack, work: Path, name: str, server: str) -> Proc:
 WRK_LATENCY = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
-def wrk(url: str, connections: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+def wrk(
+    url: str, connections: int, seconds: float, headers: dict[str, str], proxy: int | None = None
+) -> dict[str, float]:
+    """wrk on `url`; with `proxy` (a port on loopback), through that HTTP proxy: wrk cannot
+    use one, so it connects to the proxy and a Lua line makes its request line the
+    absolute form (`GET http://host:port/path`), with the URL's Host header."""
     cmd = [
         "wrk",
         "-t",
@@ -145,11 +162,18 @@ def wrk(url: str, connections: int, seconds: float, headers: dict[str, str]) -> 
         "--timeout",
         "10s",
     ]
-    for k, v in headers.items():
-        cmd += ["-H", f"{k}: {v}"]
-    out = subprocess.run(
-        [*cmd, url], capture_output=True, text=True, timeout=seconds + 60, check=True
-    ).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        if proxy is not None:
+            script.write(f"wrk.path = {json.dumps(url)}\n")  # a JSON string is a Lua string
+            script.flush()
+            cmd += ["-s", script.name]
+            headers = {"Host": urlsplit(url).netloc, **headers}
+            url = f"http://127.0.0.1:{proxy}/"
+        for k, v in headers.items():
+            cmd += ["-H", f"{k}: {v}"]
+        out = subprocess.run(
+            [*cmd, url], capture_output=True, text=True, timeout=seconds + 60, check=True
+        ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -169,25 +193,137 @@ def clean_wrk(
     name: str, proc: Proc, path: str, c: int, seconds: float, headers: dict[str, str]
 ) -> dict[str, float]:
     """A wrk run on one of the setups; a failed request ends the benchmark."""
-    run = wrk(f"http://127.0.0.1:{proc.port}{path}", c, seconds, headers)
+    return clean(name, wrk(f"http://127.0.0.1:{proc.port}{path}", c, seconds, headers))
+
+
+def clean(name: str, run: dict[str, float]) -> dict[str, float]:
+    """A load run's figures, once it saw no failed request (else the benchmark ends)."""
     if run["non_2xx"] or run["socket_errors"]:
         raise SystemExit(f"{name}: {run['non_2xx']} non-2xx, {run['socket_errors']} socket err")
     return run
 
 
-def keyswap_config(work: Path, upstream: int) -> Path:
+def connect_load(
+    proxy: int,
+    url: str,
+    connections: int,
+    seconds: float,
+    headers: dict[str, str],
+    cafile: str | None = None,
+    fresh: bool = False,
+) -> dict[str, float]:
+    """The bench's own forward-proxy client, for what wrk cannot do (a CONNECT tunnel):
+    `connections` connections to the proxy on loopback port `proxy`, each sending GET
+    `url` in a loop, HTTP/1.1 kept alive, as wrk does. For an https URL each connection
+    is a CONNECT tunnel with TLS inside (the proxy's certificate verified against
+    `cafile`, no session resumption); for an http one, absolute-form requests. `fresh`:
+    a new connection (CONNECT and handshake) for every request, `Connection: close`.
+    Kept-alive connections are opened before the clock starts. Figures as wrk's; run it
+    in a process of its own, as wrk is one (`tunnels` does)."""
+    return asyncio.run(_connect_load(proxy, url, connections, seconds, headers, cafile, fresh))
+
+
+async def _connect_load(
+    proxy: int,
+    url: str,
+    connections: int,
+    seconds: float,
+    headers: dict[str, str],
+    cafile: str | None,
+    fresh: bool,
+) -> dict[str, float]:
+    parts = urlsplit(url)
+    tls = ssl.create_default_context(cafile=cafile) if parts.scheme == "https" else None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [f"GET {target if tls else url} HTTP/1.1", f"Host: {parts.netloc}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()] + (["Connection: close"] if fresh else [])
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    tally = {"requests": 0, "non_2xx": 0, "socket_errors": 0}
+    latencies: list[float] = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
+        if tls is not None:
+            writer.write(
+                f"CONNECT {parts.netloc} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.split(None, 2)[1] != b"200":
+                raise ConnectionError(head.split(b"\r\n")[0].decode())
+            await writer.start_tls(tls, server_hostname=parts.hostname)
+        return reader, writer
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        writer.write(request)
+        head = (await reader.readuntil(b"\r\n\r\n")).lower()
+        if length := re.search(rb"\r\ncontent-length:\s*(\d+)", head):
+            await reader.readexactly(int(length.group(1)))
+        elif b"\r\ntransfer-encoding: chunked" in head:
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                await reader.readexactly(size + 2)
+            await reader.readuntil(b"\r\n")  # no trailers
+        else:
+            raise ConnectionError("a response without a length")
+        return int(head.split(None, 2)[1])
+
+    async def client(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> None:
+        while (started := time.perf_counter()) < deadline:
+            try:
+                stream = stream or await connect()
+                status = await exchange(*stream)
+            except (OSError, EOFError, ValueError, IndexError, asyncio.IncompleteReadError):
+                tally["socket_errors"] += 1
+                status = 0
+            if fresh or not status:
+                if stream:
+                    stream[1].close()
+                stream = None
+            ended = time.perf_counter()
+            if ended < deadline and status:
+                tally["requests"] += 1
+                tally["non_2xx"] += not 200 <= status < 400
+                latencies.append((ended - started) * 1000)
+        if stream:
+            stream[1].close()
+
+    streams = [None] * connections if fresh else [await connect() for _ in range(connections)]
+    deadline = time.perf_counter() + seconds
+    await asyncio.gather(*(client(stream) for stream in streams))
+    latencies.sort()
+    quantile = {
+        p: latencies[min(len(latencies) - 1, int(len(latencies) * p / 100))] for p in (50, 99)
+    }
+    return {
+        "rps": tally["requests"] / seconds,
+        **tally,
+        **({f"p{p}_ms": ms for p, ms in quantile.items()} if latencies else {}),
+    }
+
+
+def keyswap_config(work: Path, upstream: int, secure: tuple[int, Path] | None = None) -> Path:
+    """Proxies app0 to app4 (route /api/appN, token TOKEN + N) to the upstream; with
+    `secure` (an HTTPS upstream's port, and the CA that issued its certificate), app5 to
+    that one."""
+    targets = {"up": f'{{ base_url: "http://127.0.0.1:{upstream}", credential: up }}'}
+    if secure is not None:
+        port, ca = secure
+        targets["secure"] = (
+            f'{{ base_url: "https://127.0.0.1:{port}", credential: up, '
+            f'tls: {{ ca_file: "{ca}" }} }}'
+        )
     proxies = "\n".join(
-        f"  app{i}:\n    target: up\n    routes: [/api/app{i}]\n    methods: [GET, POST]\n"
+        f"  app{i}:\n    target: {target}\n    routes: [/api/app{i}]\n    methods: [GET, POST]\n"
         f"    request_headers: {{ strip: [x-debug, cookie], set: {{ x-team: bench{i} }} }}\n"
         f"    response_headers: {{ strip: [server] }}\n"
         f"    tokens: [{{ id: t, sha256: {_digest(TOKEN + str(i))} }}]"
-        for i in range(5)
+        for i, target in enumerate(["up"] * 5 + ["secure"] * (secure is not None))
     )
     path = work / "keyswap.yaml"
     path.write_text(
         'version: 1\ncredentials:\n  up: { type: bearer, token: "${env:BENCH_SECRET}" }\n'
-        f'targets:\n  up: {{ base_url: "http://127.0.0.1:{upstream}", credential: up }}\n'
-        f"proxies:\n{proxies}\n"
+        + "targets:\n"
+        + "".join(f"  {name}: {spec}\n" for name, spec in targets.items())
+        + f"proxies:\n{proxies}\n"
     )
     return path
 
@@ -199,10 +335,19 @@ def mitmdump(stack: ExitStack, work: Path, name: str, upstream: int, extra: list
     return Proc(stack, cmd, port, work / f"{name}.log", env={"BENCH_SECRET": "bench-target-secret"})
 
 
-def keyswap(stack: ExitStack, work: Path, name: str, config: Path, db: Path) -> Proc:
+def keyswap(
+    stack: ExitStack, work: Path, name: str, config: Path, db: Path, more: tuple[str, ...] = ()
+) -> Proc:
     extra = ["-s", str(ROOT / "addons" / "gateway.py"), "--set", f"keyswap_config={config}"]
-    extra += ["--set", f"keyswap_db={db}"]
+    extra += ["--set", f"keyswap_db={db}", *more]
     return mitmdump(stack, work, name, 9, extra)  # the reverse target is never used: keyswap routes
+
+
+def forward_listener(ca: Path) -> tuple[int, tuple[str, ...]]:
+    """A forward-mode listener (mitmproxy's `regular`) on a free port, signing with the
+    CA that mitmproxy makes in the folder `ca`: its port and mitmdump arguments."""
+    port = free_port()
+    return port, ("--mode", f"regular@127.0.0.1:{port}", "--set", f"confdir={ca}")
 
 
 def keyswap_serve(
@@ -401,6 +546,157 @@ def async_phase(
     }
 
 
+FORWARD_PAIRS = {  # ratio: what is compared, then its two sides as (load, server)
+    "forward/reverse_http": (
+        "HTTP, keyswap forward vs reverse listener (wrk)",
+        ("forward_http", "keyswap"),
+        ("reverse_http", "keyswap2"),
+    ),
+    "forward/bare_http": (
+        "HTTP, keyswap forward vs bare mitmdump (wrk)",
+        ("forward_http", "keyswap"),
+        ("forward_http", "bare"),
+    ),
+    "forward/bare_https": (
+        "HTTPS kept alive, keyswap vs bare mitmdump",
+        ("forward_https", "keyswap"),
+        ("forward_https", "bare"),
+    ),
+    "forward/bare_https_new_connection": (
+        "HTTPS, a new connection per request, keyswap vs bare",
+        ("forward_https_fresh", "keyswap"),
+        ("forward_https_fresh", "bare"),
+    ),
+    "https/http_forward": (
+        "keyswap forward kept alive, HTTPS vs HTTP",
+        ("forward_https", "keyswap"),
+        ("forward_http_client", "keyswap2"),
+    ),
+}
+
+
+def forward_phase(
+    stack: ExitStack, work: Path, upstream: int, rounds: int, seconds: float
+) -> dict[str, Any]:
+    """Forward (intercepting) mode, every ratio paired (`paired_loads`) at 16 connections.
+    Two keyswap processes with one config, each with a reverse listener and a forward
+    listener (mitmproxy's `regular`), so that two of keyswap's ways can be paired; bare
+    `mitmdump --mode regular` is the platform's ceiling. The targets: the plain upstream,
+    and an nginx TLS server on loopback with a certificate from a CA made here (trustme)
+    that keyswap's target and the bare mitmdump both verify against. Loads:
+
+      reverse_http         wrk on keyswap's reverse listener (/api/app3/...)
+      forward_http         wrk through the forward listener, absolute-form requests
+      forward_https        `connect_load`: CONNECT, TLS, then requests kept alive
+      forward_http_client  `connect_load`, absolute-form HTTP (HTTPS/HTTP with one client)
+      forward_https_fresh  `connect_load`, a new CONNECT and TLS handshake per request
+
+    A new connection through the proxy is a CONNECT, two TLS handshakes (client to
+    proxy, proxy to target) and a request. The `*_ms` figures are proxy CPU time per
+    request from paired throughput (each side has half of one CPU: 500/rps ms). Rounds
+    last at least 2 s, as a new connection per request takes about half a second at
+    saturation."""
+    import trustme
+
+    folder = _sub(work, "forward")
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(target_ca := folder / "target-ca.pem"))
+    issued = authority.issue_cert("127.0.0.1")
+    issued.private_key_and_cert_chain_pem.write_to_path(str(pem := folder / "target.pem"))
+    secure = nginx(
+        stack,
+        work,
+        "secure",
+        f"  ssl_certificate {pem};\n  ssl_certificate_key {pem};\n"
+        f"  location / {{ root {work}; default_type application/json; }}",
+        listen=" ssl",
+    )
+    config = keyswap_config(folder, upstream, (secure.port, target_ca))
+    plain = f"http://127.0.0.1:{upstream}/data.json"
+    tls = f"https://127.0.0.1:{secure.port}/data.json"
+    c = 16
+    seconds = max(seconds, 2)
+
+    def server(proc: Proc, port: int, ca: Path, token: bool) -> dict[str, Any]:
+        """One side's loads: `proc` with its forward listener on `port`."""
+        http_token = {"x-proxy-token": TOKEN + "3"} if token else {}
+        tls_token = {"x-proxy-token": TOKEN + "5"} if token else {}
+        cafile = str(ca / "mitmproxy-ca-cert.pem")
+        reverse = f"http://127.0.0.1:{proc.port}/api/app3/data.json"  # keyswap's only
+        return {
+            "proc": proc,
+            "reverse_http": functools.partial(wrk, reverse, c, headers=http_token),
+            "forward_http": functools.partial(wrk, plain, c, headers=http_token, proxy=port),
+            "forward_https": tunnels(port, tls, c, tls_token, cafile),
+            "forward_http_client": tunnels(port, plain, c, http_token),
+            "forward_https_fresh": tunnels(port, tls, c, tls_token, cafile, fresh=True),
+        }
+
+    servers = {}
+    for name in ("keyswap", "keyswap2"):  # the second one finds the first one's CA
+        port, listener = forward_listener(folder / "keyswap-ca")
+        gateway = keyswap(stack, work, name, config, folder / f"{name}.db", listener)
+        wait_port(port, gateway.proc)
+        servers[name] = server(gateway, port, folder / "keyswap-ca", token=True)
+    port, listener = forward_listener(folder / "bare-ca")
+    cmd = [str(BIN / "mitmdump"), "-q", *listener]
+    cmd += ["--set", f"ssl_verify_upstream_trusted_ca={target_ca}"]
+    bare = Proc(stack, cmd, port, work / "forward-bare.log")
+    servers["bare"] = server(bare, port, folder / "bare-ca", token=False)
+    for side in servers.values():  # warm-up: connections, certificates, caches
+        for load in ("forward_http", "forward_https", "forward_https_fresh"):
+            clean(load, side[load](1))
+    pairs: dict[str, Any] = {}
+    for key, (_, (a, on_a), (b, on_b)) in FORWARD_PAIRS.items():
+        names = (f"{on_a} {a}", f"{on_b} {b}")
+        loads = {names[0]: (servers[on_a]["proc"], servers[on_a][a])}
+        loads[names[1]] = (servers[on_b]["proc"], servers[on_b][b])
+        pairing = paired_loads(loads, rounds, seconds, base=names[1], other=names[0])
+        pairs[key] = {  # the ratio's numerator first
+            "rps": {n: round(statistics.median(pairing["rps"][n]), 1) for n in names},
+            "ratio": pairing[f"{names[0]}/{names[1]}_rps"],
+            "rounds": pairing["rounds"],
+            "cpu": pairing["cpu"],
+        }
+    for side in servers.values():
+        side["proc"].stop()
+
+    def ms(key: str, side: int) -> float:  # proxy CPU ms per request, half a CPU each
+        return 500 / float(list(pairs[key]["rps"].values())[side])
+
+    fresh, kept = "forward/bare_https_new_connection", "forward/bare_https"
+    return {
+        "connections": c,
+        "pairs": pairs,
+        **{key: pair["ratio"] for key, pair in pairs.items()},
+        "new_connection_ms": {
+            "keyswap": round(ms(fresh, 0) - ms(kept, 0), 2),
+            "bare": round(ms(fresh, 1) - ms(kept, 1), 2),
+        },
+        "tls_ms_per_request": round(ms("https/http_forward", 0) - ms("https/http_forward", 1), 2),
+        "note": "paired: both servers of a pair pinned to one CPU, wrk, connect_load and "
+        "nginx on the other; req/s are each side's with half of that CPU",
+    }
+
+
+def tunnels(
+    proxy: int,
+    url: str,
+    c: int,
+    headers: dict[str, str],
+    ca: str | None = None,
+    fresh: bool = False,
+) -> Callable[[float], dict[str, float]]:
+    """`connect_load` as a load (seconds -> figures), each run in a process of its own
+    (spawned, so it inherits this process's CPUs when it starts, as wrk does)."""
+
+    def load(seconds: float) -> dict[str, float]:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+            return client.submit(connect_load, proxy, url, c, seconds, headers, ca, fresh).result()
+
+    return load
+
+
 def cpu_split() -> tuple[set[int], int, set[int]]:
     """The paired phases' CPUs: all of them, the one the paired gateways share, the others."""
     everything = os.sched_getaffinity(0)
@@ -422,22 +718,45 @@ def paired(
     base: str = "A",
     other: str = "B",
 ) -> dict[str, Any]:
-    """`base` and `other` (A and B) loaded at the same time, both pinned to one CPU (wrk
-    and nginx on the others): the scheduler shares that CPU evenly, so other/base
-    throughput is their cost ratio, and drift or a noisy neighbour slows both alike. The
-    alternating rounds measure each alone; this pairing is the figure that holds still
-    on a shared box. A failed request ends the benchmark."""
+    """`paired_loads` with wrk at 16 connections on two of the setups."""
+    return paired_loads(
+        {
+            name: (
+                proc,
+                functools.partial(wrk, f"http://127.0.0.1:{proc.port}{path}", 16, headers=h),
+            )
+            for name, (proc, path, h) in setups.items()
+        },
+        rounds,
+        seconds,
+        base,
+        other,
+    )
+
+
+def paired_loads(
+    loads: dict[str, tuple[Proc, Callable[[float], dict[str, float]]]],
+    rounds: int,
+    seconds: float,
+    base: str = "A",
+    other: str = "B",
+) -> dict[str, Any]:
+    """`base` and `other` (A and B: a server, and a load on it) loaded at the same time,
+    both servers pinned to one CPU (the clients and nginx on the others): the scheduler
+    shares that CPU evenly, so other/base throughput is their cost ratio, and drift or a
+    noisy neighbour slows both alike. The alternating rounds measure each alone; this
+    pairing is the figure that holds still on a shared box. A failed request ends the
+    benchmark."""
     everything, cpu, others = cpu_split()
     names = (base, other)
-    os.sched_setaffinity(0, others)  # wrk inherits it
+    os.sched_setaffinity(0, others)  # wrk (or the client's process) inherits it
     for name in names:
-        pin(setups[name][0].proc.pid, {cpu})
+        pin(loads[name][0].proc.pid, {cpu})
     ratios = []
     rps: dict[str, list[float]] = {name: [] for name in names}
 
     def load(name: str, runs: dict[str, dict[str, float]]) -> None:
-        proc, path, headers = setups[name]
-        runs[name] = wrk(f"http://127.0.0.1:{proc.port}{path}", 16, seconds, headers)
+        runs[name] = loads[name][1](seconds)
 
     try:
         for _ in range(rounds):
@@ -450,13 +769,13 @@ def paired(
             for name in names:
                 run = runs.get(name)
                 if run is None or run["non_2xx"] or run["socket_errors"]:
-                    raise SystemExit(f"{name} (paired): wrk failed or saw errors: {run}")
+                    raise SystemExit(f"{name} (paired): the load failed or saw errors: {run}")
                 rps[name].append(run["rps"])
             ratios.append(round(runs[other]["rps"] / runs[base]["rps"], 3))
     finally:
         os.sched_setaffinity(0, everything)
         for name in names:
-            pin(setups[name][0].proc.pid, everything)
+            pin(loads[name][0].proc.pid, everything)
     return {
         "cpu": cpu,
         "rounds": ratios,
@@ -606,10 +925,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     p.add_argument(
         "--only",
-        choices=["workers", "backends", "async"],
+        choices=["workers", "backends", "async", "forward"],
         help="run one phase alone: workers (keyswap serve --workers 2 vs 1 vs bare mitmdump), "
         "backends (keyswap on PostgreSQL vs on SQLite, paired), async (respond-async accept "
-        "rate vs synchronous, delivery rate with 1 and 2 workers)",
+        "rate vs synchronous, delivery rate with 1 and 2 workers), forward (forward mode vs "
+        "reverse mode and vs bare mitmdump --mode regular, HTTP and HTTPS, and TLS "
+        "interception per new connection and per request)",
     )
     args = p.parse_args()
     duration = args.duration or (1 if args.quick else 10)
@@ -641,6 +962,13 @@ def main() -> None:
             settings = {"duration_s": duration, "rounds": rounds, "only": "async"}
             write(args.out, stamped(args.quick, settings) | {"async": async_figures})
             print(render_async(async_figures))
+            print(f"\nresults: {args.out}")
+            return
+        if args.only == "forward":
+            forward = forward_phase(stack, work, upstream.port, rounds, duration)
+            settings = {"duration_s": duration, "rounds": rounds, "only": "forward"}
+            write(args.out, stamped(args.quick, settings) | {"forward": forward})
+            print(render_forward(forward))
             print(f"\nresults: {args.out}")
             return
         bare = mitmdump(stack, work, "A", upstream.port, [])
@@ -698,6 +1026,7 @@ def main() -> None:
         )
         backends = backends_phase(work, upstream.port, rounds, duration)
         async_figures = async_phase(stack, work, upstream.port, rounds, duration, queued)
+        forward = forward_phase(stack, work, upstream.port, rounds, duration)
         gateway, path, headers = setups["B"]
         log = log_check(
             gateway,
@@ -730,6 +1059,7 @@ def main() -> None:
             "async/sync_accept_rps_c16": async_figures["async/sync_rps"],
             "async_delivery_W2/W1": async_figures["delivery_W2/W1"],
         }
+        | {f"{k}_rps_paired_c{forward['connections']}": forward[k] for k in FORWARD_PAIRS}
         | (
             {"PG/SQLite_rps_paired": backends["PG/SQLite_rps"]} if "skipped" not in backends else {}
         ),
@@ -737,6 +1067,7 @@ def main() -> None:
         "workers": workers,
         "backends": backends,
         "async": async_figures,
+        "forward": forward,
         "log": log,
         "streaming": {k: round(v, 3) for k, v in streaming.items()},
     }
@@ -802,13 +1133,13 @@ def render(report: dict[str, Any]) -> str:
                 f"{r['peak_rss_mib']}",
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines = table(rows)
     lines.append(f"upstream nginx alone: {report['upstream_rps']:.0f} req/s (c=16)")
     lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in report["ratios"].items()))
     lines.append(render_workers(report["workers"]))
     lines.append(render_backends(report["backends"]))
     lines.append(render_async(report["async"]))
+    lines.append(render_forward(report["forward"]))
     lines.append(
         f"activity log: {report['log']['rows_recorded']} rows for "
         f"{report['log']['requests_sent']} requests"
@@ -823,6 +1154,31 @@ def render(report: dict[str, Any]) -> str:
         f"goal {'met    ' if ok else 'NOT met'}  {goal}" for goal, ok in report["goals"].items()
     ]
     return "\n".join(lines)
+
+
+def table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines of left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+
+
+def render_forward(f: dict[str, Any]) -> str:
+    rows = [[f"forward mode (paired, c={f['connections']})", "req/s", "against", "ratio", "rounds"]]
+    for key, (what, _, _) in FORWARD_PAIRS.items():
+        pair = f["pairs"][key]
+        a, b = pair["rps"].values()
+        rows.append([what, f"{a:.0f}", f"{b:.0f}", f"{pair['ratio']}", str(pair["rounds"])])
+    n = f["new_connection_ms"]
+    return "\n".join(
+        [
+            *table(rows),
+            f"a new CONNECT + TLS connection costs keyswap {n['keyswap']} ms, bare mitmdump "
+            f"{n['bare']} ms beyond a kept-alive request; TLS costs keyswap "
+            f"{f['tls_ms_per_request']} ms per kept-alive request (proxy CPU time: 500/rps, "
+            "each side of a pair having half a CPU); HTTPS with connect_load, the bench's "
+            "CONNECT client",
+        ]
+    )
 
 
 def render_workers(w: dict[str, Any]) -> str:

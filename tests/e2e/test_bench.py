@@ -64,6 +64,11 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
         "W2/A_rps_c16",
         "async/sync_accept_rps_c16",
         "async_delivery_W2/W1",
+        "forward/reverse_http_rps_paired_c16",
+        "forward/bare_http_rps_paired_c16",
+        "forward/bare_https_rps_paired_c16",
+        "forward/bare_https_new_connection_rps_paired_c16",
+        "https/http_forward_rps_paired_c16",
     } | ({"PG/SQLite_rps_paired"} if measured else set())
     assert len(report["paired"]["rounds"]) == 1 and report["paired"]["B/A_rps"] > 0
     workers = report["workers"]  # keyswap serve --workers 2 vs --workers 1 vs bare mitmdump
@@ -81,6 +86,20 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     for figures in accepted["delivery"].values():
         assert figures["states"] == {"succeeded": 500} and figures["per_s"] > 0
     assert "respond-async accepted" in done.stdout
+    forward = report["forward"]  # forward mode vs reverse and vs bare mitmdump, paired
+    assert set(forward["pairs"]) == {
+        "forward/reverse_http",
+        "forward/bare_http",
+        "forward/bare_https",
+        "forward/bare_https_new_connection",
+        "https/http_forward",
+    }
+    for key, pair in forward["pairs"].items():
+        assert len(pair["rounds"]) == 1 and pair["ratio"] == forward[key] > 0
+        assert len(pair["rps"]) == 2 and all(v > 0 for v in pair["rps"].values())
+    assert set(forward["new_connection_ms"]) == {"keyswap", "bare"}
+    assert "forward mode (paired, c=16)" in done.stdout
+    assert "a new CONNECT + TLS connection" in done.stdout
     assert report["log"]["requests_sent"] == 500
     assert set(report["streaming"]) == {
         "download_rss_growth_mib",
