@@ -10,6 +10,7 @@ would be, and the SDK's own transport (httpx, `HTTPS_PROXY`, the CA) is what is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -420,6 +421,38 @@ def test_refused_requests_reach_no_target(
     problem = json.loads(body)
     assert problem["error"]["code"] == code, (what, problem)
     assert len(world.tls.arrivals) == before, f"{what} reached the target"
+
+
+def tunnel(world: World, authority: str) -> socket.socket:
+    """A raw connection to the forward listener, through an open CONNECT tunnel."""
+    raw = socket.create_connection(("127.0.0.1", int(world.forward.rsplit(":", 1)[1])), timeout=10)
+    raw.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    assert raw.recv(1024).startswith(b"HTTP/1.1 200")
+    return raw
+
+
+def test_bytes_in_an_intercepted_tunnel_never_pass_as_raw_tcp(world: World) -> None:
+    # mitmproxy passes a first read that does not look like HTTP (`GET` alone) on as raw
+    # TCP when `rawtcp` is on: the rest of the request would then skip every check.
+    before = len(world.plain.arrivals)
+    with tunnel(world, f"127.0.0.1:{world.plain.port}") as raw:
+        raw.sendall(b"GET")
+        time.sleep(0.3)
+        raw.sendall(
+            f" /x HTTP/1.1\r\nHost: 127.0.0.1:{world.plain.port}\r\n"
+            f"x-api-key: {SECRETS['query']}\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert b"secret-in-request" in answer
+    with tunnel(world, f"127.0.0.1:{world.plain.port}") as raw:
+        raw.sendall(b"\x00\x01not http at all\r\n\r\n")
+        raw.settimeout(5)
+        with contextlib.suppress(OSError):
+            raw.recv(65536)
+    assert len(world.plain.arrivals) == before
 
 
 def test_a_host_that_is_not_a_target_is_refused_at_connect(world: World) -> None:

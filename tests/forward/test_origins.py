@@ -54,7 +54,11 @@ def test_passthrough_names_hosts_and_domains_never_their_parents() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["https://pypi.org", "pypi.org:443", "pypi.org/simple", "*", "*.*.org", "a..b", "py pi"]
+    "bad",
+    [
+        *("https://pypi.org", "pypi.org:443", "pypi.org/simple", "*", "*.*.org", "a..b", "py pi"),
+        *("*.com", "*.0.0.1"),  # a whole top-level domain, an address pattern
+    ],
 )
 def test_a_passthrough_entry_is_a_host_name(bad: str) -> None:
     with pytest.raises(ValueError, match="is not a host name"):

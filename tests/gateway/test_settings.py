@@ -43,6 +43,9 @@ def test_invalid_config_is_an_options_error(tmp_path: Path) -> None:
     [
         ({"mode": REVERSE, "keep_host_header": True}, "unset keep_host_header"),
         ({"mode": REVERSE, "stream_large_bodies": "1m"}, "unset stream_large_bodies"),
+        ({"mode": ["regular@8081"], "ignore_hosts": ["pypi.org"]}, "unset ignore_hosts"),
+        ({"mode": ["regular@8081"], "allow_hosts": ["x"]}, "unset allow_hosts"),
+        ({"mode": ["regular@8081"], "tcp_hosts": ["x"]}, "unset tcp_hosts"),
     ],
 )
 def test_wrong_mitmproxy_options_fail_loudly(options: dict[str, object], message: str) -> None:
@@ -134,3 +137,10 @@ def test_mitmweb_shows_the_decision_column_unless_columns_were_chosen() -> None:
         assert "comment" in tctx.options.web_columns
         tctx.configure(settings, web_columns=["path", "status"])  # the user's choice
         assert tctx.options.web_columns == ["path", "status"]
+
+
+def test_raw_tcp_is_turned_off_so_no_bytes_pass_the_stages_unchecked() -> None:
+    settings = Settings()
+    with taddons.context(Proxyserver(), settings) as tctx:
+        tctx.configure(settings, mode=["regular@8081"], rawtcp=True)
+        assert tctx.options.rawtcp is False

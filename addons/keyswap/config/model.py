@@ -126,7 +126,9 @@ def _host_name(value: str) -> str:
     """A host name as a CONNECT names it (`pypi.org`), or all names under a domain
     (`*.pythonhosted.org`); lower case. No scheme, port, path or address pattern."""
     host = value.strip().lower().rstrip(".")
-    if not _HOST_NAME.fullmatch(host) or len(host) > 253:
+    domain = host[2:] if host.startswith("*.") else None  # at least a name and a TLD
+    wild = domain is not None and ("." not in domain or domain.rsplit(".", 1)[1].isdigit())
+    if not _HOST_NAME.fullmatch(host) or len(host) > 253 or wild:
         raise ValueError(
             f"'{value}' is not a host name; write it as pypi.org or *.pythonhosted.org "
             "(no scheme, port or path)"

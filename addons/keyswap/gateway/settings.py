@@ -44,11 +44,15 @@ class Settings:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if updated & {"keep_host_header", "stream_large_bodies"}:
+        if updated & {"keep_host_header", "stream_large_bodies", *UNCHECKED_TRAFFIC}:
             check_options()
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # Eager mode would connect to the reverse-mode placeholder before routing.
             ctx.options.update(connection_strategy="lazy")
+        if "rawtcp" in updated and ctx.options.rawtcp:
+            # mitmproxy would pass bytes that do not look like HTTP (a request whose first
+            # read is `GET`), and a non-WebSocket 101, on as raw TCP: past every check.
+            ctx.options.update(rawtcp=False)
         if updated & {"mode", "listen_host", "listen_port"}:
             opts = ctx.options
             if changes := listen_options(opts.mode, opts.listen_host, opts.listen_port):
@@ -164,8 +168,19 @@ def with_decision_column(columns: Sequence[str]) -> list[str]:
     return [*columns[:at], "comment", *columns[at:]]
 
 
+# mitmproxy options that send a connection past keyswap's stages as raw TCP or UDP:
+# forward mode's passthrough is `forward.passthrough`, decided by the config.
+UNCHECKED_TRAFFIC = ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts")
+
+
 def check_options() -> None:
     """Refuse mitmproxy settings that would undo what keyswap does per request."""
+    for name in UNCHECKED_TRAFFIC:
+        if getattr(ctx.options, name):
+            raise exceptions.OptionsError(
+                f"keyswap checks every request; unset {name} (forward mode tunnels hosts "
+                "untouched with forward.passthrough in the config)"
+            )
     if ctx.options.keep_host_header:
         raise exceptions.OptionsError(
             "keyswap rewrites the Host header for each target; unset keep_host_header"

@@ -5,6 +5,7 @@ import zlib
 import brotli  # type: ignore[import-untyped]
 import pytest
 from mitmproxy import http
+from mitmproxy.flow import Error
 from mitmproxy.test import tflow
 
 from keyswap.config.model import Config
@@ -108,17 +109,37 @@ def test_an_unfinished_body_is_refused() -> None:
         {"transfer-encoding": "gzip, chunked"},
     ],
 )
-def test_a_coding_keyswap_cannot_read_is_not_streamed_and_is_refused(
-    headers: dict[str, str],
-) -> None:
+def test_a_coding_keyswap_cannot_read_is_refused(headers: dict[str, str]) -> None:
     flow = forward_flow(SECRET.encode(), **headers)
-    flow.response.stream = True  # type: ignore[union-attr]
     stage = EchoMask(lambda: REDACTION)
     stage.responseheaders(flow)
-    assert flow.response is not None and flow.response.stream is False
     stage.response(flow)
-    assert flow.response.status_code == 502
+    assert flow.response is not None and flow.response.status_code == 502
     assert flow.metadata[problem.CODE] == problem.PROXY_ERROR
+    assert SECRET.encode() not in (flow.response.raw_content or b"")
+
+
+def test_a_streamed_answer_keyswap_cannot_read_is_cut_off() -> None:
+    flow = forward_flow(b"", **{"content-encoding": "rot13"})
+    flow.response.stream = True  # type: ignore[union-attr]
+    EchoMask(lambda: REDACTION).responseheaders(flow)
+    assert flow.error is not None and flow.error.msg == Error.KILLED_MESSAGE
+    assert "cannot be checked for secrets" in flow.metadata[problem.ERROR]
+
+
+def test_a_stream_that_breaks_its_coding_is_cut_off() -> None:
+    flow = forward_flow(b"", **{"content-encoding": "gzip"})
+    response = flow.response
+    assert response is not None
+    response.stream = True
+    stage = EchoMask(lambda: REDACTION)
+    stage.responseheaders(flow)
+    mask = response.stream
+    assert isinstance(mask, StreamMask)
+    mask(gzip.compress(b"fine")[:-4])  # ends early
+    mask(b"")
+    stage.response(flow)
+    assert flow.error is not None and flow.error.msg == Error.KILLED_MESSAGE
 
 
 def test_a_buffered_answer_is_masked_in_its_headers_and_its_body_and_sent_decoded() -> None:

@@ -1,6 +1,7 @@
 """The forward router on flows as mitmproxy's regular mode hands them over (the clients
 behind HTTPS_PROXY, the CONNECT and the TLS handshake are in tests/e2e/test_forward.py)."""
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ proxies:
   chat: {{ target: openai, tokens: [{{ id: a, sha256: {digest(TOKENS["chat"])} }}] }}
   batch: {{ target: openai, tokens: [{{ id: a, sha256: {digest(TOKENS["batch"])} }}] }}
   maps: {{ target: maps, tokens: [{{ id: a, sha256: {digest(TOKENS["maps"])} }}] }}
+forward: {{ passthrough: [pypi.org] }}
 """
     )
     settings = Settings()
@@ -126,6 +128,54 @@ def test_the_destination_is_the_tunnels_not_the_requests(router: ForwardRouter) 
     flow.request.headers["host"] = "api.openai.com"
     router.requestheaders(flow)
     assert flow.metadata[problem.FORWARD] == "https://api.openai.com"
+    assert flow.metadata[problem.REST] == "/https://api.openai.com/v1/x"
+    assert flow.metadata[problem.PROXY] == "chat"
+
+
+def test_a_path_must_start_with_a_slash(router: ForwardRouter) -> None:
+    # an HTTP/2 :path may be anything: `:8443/x` after the origin would move the port
+    flow = forward_flow("https://api.openai.com/v1/x", authorization=f"Bearer {TOKENS['chat']}")
+    connect(router, flow)
+    flow.request.data.path = b":8443/x"
+    assert decided(router, flow) == (400, "bad-request")
+
+
+def test_an_upgrade_other_than_websocket_is_refused(router: ForwardRouter) -> None:
+    flow = forward_flow(
+        "https://api.openai.com/v1/x", authorization=f"Bearer {TOKENS['chat']}", upgrade="h2c"
+    )
+    connect(router, flow)
+    assert decided(router, flow) == (400, "bad-request")
+
+
+def test_a_secret_as_part_of_a_basic_pair_is_refused(router: ForwardRouter) -> None:
+    pair = base64.b64encode(f"anyone:{SECRET}".encode()).decode()
+    flow = forward_flow("https://api.openai.com/v1/x", authorization=f"Basic {pair}")
+    connect(router, flow)
+    assert decided(router, flow) == (403, "secret-in-request")
+
+
+def test_tunnels_are_forgotten_when_the_client_leaves_and_one_connection_has_one(
+    router: ForwardRouter,
+) -> None:
+    flow = forward_flow("https://api.openai.com/v1/x")
+    connect(router, flow)
+    elsewhere = tflow.tflow(req=http.Request.make("CONNECT", "http://maps.example:80/"))
+    elsewhere.client_conn = flow.client_conn
+    router.http_connect(elsewhere)  # a second tunnel on the same connection, elsewhere
+    assert elsewhere.response is not None and elsewhere.response.status_code == 400
+    router.client_disconnected(flow.client_conn)
+    assert router.tunnels == {}
+
+
+def test_a_plain_passthrough_request_goes_on_untouched_but_never_with_a_token(
+    router: ForwardRouter,
+) -> None:
+    flow = forward_flow("http://pypi.org/simple/")
+    assert decided(router, flow) == (None, None)
+    assert flow.metadata[problem.PASSTHROUGH] is True
+    flow = forward_flow("http://pypi.org/simple/", authorization=f"Bearer {TOKENS['chat']}")
+    assert decided(router, flow) == (403, "token-to-passthrough")
 
 
 def test_a_plain_http_request_goes_to_its_absolute_urls_origin(router: ForwardRouter) -> None:

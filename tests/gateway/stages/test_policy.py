@@ -1,7 +1,14 @@
-import pytest
+from pathlib import Path
 
+import pytest
+from mitmproxy.test import tflow
+
+from keyswap.config.loader import load_config
 from keyswap.config.model import Rule
-from keyswap.gateway.stages.policy import glob_regex, rule_verdict
+from keyswap.gateway import problem
+from keyswap.gateway.runtime import Runtime
+from keyswap.gateway.settings import Settings
+from keyswap.gateway.stages.policy import Policy, glob_regex, rule_verdict
 
 
 @pytest.mark.parametrize(
@@ -43,3 +50,39 @@ def test_first_matching_rule_wins(method: str, path: str, action: str) -> None:
 
 def test_no_rules_means_allow() -> None:
     assert rule_verdict([], "GET", "/x") is None
+
+
+def test_a_forward_mode_request_never_leaves_its_tunnels_origin(tmp_path: Path) -> None:
+    # The target may reach :8443 by allowed_hosts, but not from a tunnel to :443.
+    path = tmp_path / "keyswap.yaml"
+    path.write_text(
+        """
+credentials: { k: { type: bearer, token: some-secret-value } }
+targets:
+  t: { base_url: "https://api.example", credential: k, allowed_hosts: ["https://api.example:8443"] }
+proxies: { p: { target: t } }
+"""
+    )
+    settings = Settings()
+    settings.runtime = Runtime.build(load_config(path, {}))
+    flow = tflow.tflow()
+    flow.metadata.update(
+        {
+            problem.PROXY: "p",
+            problem.FORWARD: "https://api.example",
+            problem.REST: "/https://api.example:8443/x",
+        }
+    )
+    Policy(settings).requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    assert problem.DESTINATION not in flow.metadata
+    flow = tflow.tflow()
+    flow.metadata.update(
+        {
+            problem.PROXY: "p",
+            problem.FORWARD: "https://api.example",
+            problem.REST: "/https://api.example/x",
+        }
+    )
+    Policy(settings).requestheaders(flow)
+    assert flow.response is None and flow.metadata[problem.DESTINATION]["port"] == 443

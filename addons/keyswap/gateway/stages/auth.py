@@ -109,6 +109,8 @@ class Authenticate:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or problem.PROXY not in flow.metadata:
             return
+        if problem.FORWARD in flow.metadata:
+            return  # authenticated by the forward router, where the proxy was picked
         runtime = self.settings.runtime
         proxy_id = flow.metadata[problem.PROXY]
         if (attempt := delivery.attempt_of(flow)) is not None:

@@ -52,7 +52,9 @@ class BodyDecoder:
             return brotli.Decompressor()
         if self.coding == "zstd":
             return zstd.ZstdDecompressor()
-        return None
+        if self.coding in ("", "identity"):
+            return None
+        raise ValueError(f"content-encoding: {self.coding}")
 
     def feed(self, data: bytes) -> bytes:
         part = self._part
@@ -105,13 +107,15 @@ class StreamMask:
     ) -> None:
         self.redact, self.decoder, self.then = redact, decoder, then
         self.held = b""
+        self.broken: str | None = None  # why the body is not what its coding says
 
     def __call__(self, chunk: bytes) -> Any:
         if chunk:
             try:
                 decoded = self.decoder.feed(chunk)
-            except ValueError:
+            except ValueError as e:
                 decoded = b""  # what is not the coding is never passed on
+                self.broken = self.broken or str(e)
             data = self.redact.mask_values(self.held + decoded)
             keep = self.redact.unfinished(data)
             self.held, data = data[len(data) - keep :], data[: len(data) - keep]
@@ -119,6 +123,8 @@ class StreamMask:
                 return []  # no chunk: an empty one would end a chunked body
         else:  # the end: what was held back is not the start of a secret after all
             data, self.held = self.held, b""
+            if not self.decoder.finished:
+                self.broken = self.broken or f"the {self.decoder.coding} body ends early"
         return self.then(data) if self.then is not None else data
 
 
@@ -136,8 +142,9 @@ class EchoMask:
         _mask_head(response, redact)
         if why := unreadable(response):
             flow.metadata[UNREADABLE] = why
-            response.stream = False  # read whole, then refused (`response`): see there
-            return
+            if response.stream:  # too large to read whole for a 502: cut off instead
+                _cut(flow, why)
+            return  # read whole, then refused (`response`)
         if not response.stream:
             return  # masked whole once it is in (`response`)
         coding = coding_of(response)
@@ -153,13 +160,16 @@ class EchoMask:
         response = flow.response
         if response is None or not _masked(flow):
             return
-        if why := flow.metadata.get(UNREADABLE):
+        if why := flow.metadata.get(UNREADABLE) or unreadable(response):  # (a retry's too)
             _refuse(flow, why)
             return
         redact = self.redaction()
         _mask_head(response, redact)  # again: an OAuth2 retry brings a new response
         if response.trailers:
             response.trailers.fields = _masked_fields(response.trailers.fields, redact)
+        if isinstance(response.stream, StreamMask) and response.stream.broken:
+            _cut(flow, response.stream.broken)  # sent in part: the client must not take it whole
+            return
         raw = response.raw_content
         if response.stream or not raw:
             return
@@ -206,6 +216,13 @@ def _masked_fields(
     if not redact.holds_value(b"\n".join(k + b"\n" + v for k, v in raw)):
         return raw
     return tuple((k, redact.mask_values(v)) for k, v in raw if not redact.holds_value(k))
+
+
+def _cut(flow: http.HTTPFlow, why: str) -> None:
+    """Ends the answer without passing the rest on: the client sees it broken off."""
+    flow.metadata[problem.ERROR] = UNREADABLE_MESSAGE.format(why)
+    if flow.killable:
+        flow.kill()
 
 
 def _refuse(flow: http.HTTPFlow, why: str) -> None:

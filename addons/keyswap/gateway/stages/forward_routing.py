@@ -19,18 +19,30 @@ to one address and have the credential of another put on its request.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from mitmproxy import connection, http
 from mitmproxy.net.http.url import parse_authority
 from mitmproxy.proxy import layer, layers
+from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.mode_specs import RegularMode
 
 from keyswap.config.secrets import Redaction
+from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE
 from keyswap.gateway import problem
 from keyswap.gateway.runtime import NO_PLACES, Runtime
-from keyswap.gateway.stages.auth import CHALLENGE, INVALID, owner_of, presented_token
+from keyswap.gateway.stages.auth import (
+    CHALLENGE,
+    INVALID,
+    MISSING,
+    TOKEN_ID,
+    TOKEN_SHA256,
+    owner_of,
+    presented_token,
+)
 from keyswap.gateway.stages.routing import client_path
 from keyswap.net import fields
 from keyswap.net.urls import hostport, origin_of
@@ -38,10 +50,6 @@ from keyswap.net.urls import hostport, origin_of
 if TYPE_CHECKING:
     from keyswap.gateway.settings import Settings
 
-MISSING = (
-    "keyswap's forward mode needs your proxy token (ks_...) where the API expects its key, "
-    "or in Authorization: Bearer or x-proxy-token"
-)
 SECRET = (
     "the request carries one of keyswap's target credentials; send your proxy token "
     "instead, and keyswap puts the credential on"
@@ -93,14 +101,19 @@ class ForwardRouter:
             problem.decide(flow, problem.GRANTED, "tunnelled untouched (forward.passthrough)")
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """Inside a passthrough tunnel: raw bytes both ways, no TLS interception."""
+        """Inside a passthrough tunnel: raw bytes both ways, no TLS interception. Inside
+        an intercepted one: TLS or HTTP, never raw bytes past the stages."""
         context = nextlayer.context
         tunnel = self.tunnels.get(context.client.id)
         address = context.server.address
-        if tunnel is None or not tunnel.passthrough or address is None:
+        if tunnel is None or address is None:
             return
-        if (address[0].lower(), address[1]) == (tunnel.host, tunnel.port):
+        if (address[0].lower(), address[1]) != (tunnel.host, tunnel.port):
+            return
+        if tunnel.passthrough:
             nextlayer.layer = layers.TCPLayer(context, ignore=True)
+        elif isinstance(nextlayer.layer, (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer)):
+            nextlayer.layer = layers.HttpLayer(context, HTTPMode.transparent)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.is_replay or flow.response or flow.error or not flow.live:
@@ -120,6 +133,14 @@ class ForwardRouter:
         path = client_path(flow, origin)
         if path is None:
             return
+        if not path.startswith("/"):  # an HTTP/2 :path may be anything: `:8443/x` moves it
+            problem.deny(flow, 400, "bad-request", "the request's path must start with '/'")
+            return
+        upgrade = fields.get(request.headers, b"upgrade")
+        if upgrade is not None and upgrade.strip().lower() != "websocket":
+            # mitmproxy would hand the connection on as raw bytes after a 101
+            problem.deny(flow, 400, "bad-request", "forward mode upgrades to WebSocket only")
+            return
         if (named := _named_elsewhere(flow, scheme, host, port)) is not None:
             message = f"{named} names another origin than the connection's, {origin}"
             problem.deny(flow, 403, "host", message)
@@ -130,21 +151,21 @@ class ForwardRouter:
         candidates = runtime.forward.proxies_for(origin)
         if not candidates:
             if tunnel is None and runtime.forward.passes_through(host):
-                meta[problem.PASSTHROUGH] = True  # plain HTTP: passed on untouched
-                problem.decide(flow, problem.GRANTED, "passed on untouched (forward.passthrough)")
+                _pass_on(flow)  # plain HTTP: passed on untouched
                 return
             problem.deny(flow, 403, "not-a-target", _not_a_target(origin))
             return
-        proxy_id = _proxy_of(flow, runtime, candidates, origin)
-        if proxy_id is not None:
-            meta[problem.PROXY] = proxy_id
+        if _authenticate(flow, runtime, candidates, origin):
             meta[problem.REST] = "/" + origin + path  # the full-URL form of reverse mode
 
     def _carries_secret(self, flow: http.HTTPFlow) -> bool:
-        """Refuses a request whose target or header values hold a configured secret, and
-        masks it there: the flow is shown (mitmweb, `flow_detail`) and may be saved."""
+        """Refuses a request whose target or header values hold a configured secret (also
+        as a `Basic` pair's part), and masks it there: the flow is shown (mitmweb,
+        `flow_detail`) and may be saved."""
         redact, data = self.redaction(), flow.request.data
-        if not redact.holds_value(data.path + b"\n".join(v for _, v in data.headers.fields)):
+        values = [v for _, v in data.headers.fields]
+        seen = b"\n".join([data.path, *values, *(_basic_pair(v) for v in values)])
+        if not redact.holds_value(seen):
             return False
         data.path = redact.mask_values(data.path)
         data.headers.fields = tuple((k, redact.mask_values(v)) for k, v in data.headers.fields)
@@ -175,11 +196,37 @@ def _named_elsewhere(flow: http.HTTPFlow, scheme: str, host: str, port: int) -> 
     return None
 
 
-def _proxy_of(
+def _basic_pair(value: bytes) -> bytes:
+    """`user:password` of a `Basic` credential, else nothing."""
+    scheme, _, encoded = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return b""
+    try:
+        return base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _pass_on(flow: http.HTTPFlow) -> None:
+    """A plain-HTTP request to a passthrough host goes on as it is, unless it carries a
+    proxy token: that is never sent anywhere but keyswap."""
+    data = flow.request.data
+    if TOKEN_SHAPE.search(data.path + b"\n".join(v for _, v in data.headers.fields)):
+        message = "a proxy token is never sent to a passthrough host"
+        problem.deny(flow, 403, "token-to-passthrough", message)
+        return
+    flow.metadata[problem.PASSTHROUGH] = True
+    problem.decide(flow, problem.GRANTED, "passed on untouched (forward.passthrough)")
+
+
+def _authenticate(
     flow: http.HTTPFlow, runtime: Runtime, candidates: tuple[str, ...], origin: str
-) -> str | None:
-    """The proxy whose token the request carries, or None, the request refused. The
-    token is looked for where each candidate proxy's target expects its key."""
+) -> bool:
+    """Whether the request carries a token of one of the proxies that serve its origin
+    (then the flow says whose, as the auth stage would: that stage leaves forward mode's
+    flows to this one, which knows where each candidate's token may stand); else it is
+    refused. The token is looked for where each candidate proxy's target expects its
+    key."""
     headers, path = flow.request.headers, flow.request.path
     token = None
     for proxy_id in candidates:
@@ -189,16 +236,18 @@ def _proxy_of(
             break
     if not token:
         problem.deny(flow, 401, "missing-token", MISSING, CHALLENGE)
-        return None
+        return False
     owner = owner_of(runtime, token)
     if owner is None:
         problem.deny(flow, 401, "wrong-token", "the token is not a valid proxy token", INVALID)
-        return None
+        return False
     if owner.proxy_id not in candidates:
         message = f"the token's proxy '{owner.proxy_id}' does not serve {origin}"
         problem.deny(flow, 403, "host", message)
-        return None
-    return owner.proxy_id
+        return False
+    meta = flow.metadata
+    meta[problem.PROXY], meta[TOKEN_ID], meta[TOKEN_SHA256] = owner
+    return True
 
 
 def _not_a_target(where: str) -> str:

@@ -14,6 +14,7 @@ from keyswap.config.tokens import without_tokens
 from keyswap.gateway import delivery, problem
 from keyswap.gateway.rate_limit import RateLimits, Unavailable, retry_after
 from keyswap.gateway.stages.rewrite import Destination, Refused, resolve
+from keyswap.net.urls import origin_of
 from keyswap.state.rate_limits import Rate
 
 if TYPE_CHECKING:
@@ -121,6 +122,10 @@ class Policy:
             dest = resolve(target, flow.metadata[problem.REST], query)
         except Refused as e:
             problem.deny(flow, 403, "host", str(e))
+            return None
+        forward = flow.metadata.get(problem.FORWARD)
+        if forward is not None and origin_of(dest.scheme, dest.host, dest.port) != forward:
+            problem.deny(flow, 403, "host", f"the request leaves its tunnel's origin {forward}")
             return None
         if "%" in flow.metadata[problem.REST] and _ENCODED_CONTROL.search(dest.relative):
             message = "the path holds a percent-encoded control character"
