@@ -182,7 +182,7 @@ class EchoMask:
         if not decoder.finished:
             _refuse(flow, f"the {coding_of(response)} body ends early")
             return
-        if redact.holds_value(body) or redact.holds_value(raw):
+        if redact.holds_value(body) or (body is not raw and redact.holds_value(raw)):
             response.headers.pop("content-encoding", None)
             response.content = redact.mask_values(body)
 
