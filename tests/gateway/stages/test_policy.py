@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from mitmproxy import http
 from mitmproxy.test import tflow
 
 from keyswap.config.loader import load_config
@@ -65,24 +66,16 @@ proxies: { p: { target: t } }
     )
     settings = Settings()
     settings.runtime = Runtime.build(load_config(path, {}))
-    flow = tflow.tflow()
-    flow.metadata.update(
-        {
-            problem.PROXY: "p",
-            problem.FORWARD: "https://api.example",
-            problem.REST: "/https://api.example:8443/x",
-        }
-    )
-    Policy(settings).requestheaders(flow)
-    assert flow.response is not None and flow.response.status_code == 403
-    assert problem.DESTINATION not in flow.metadata
-    flow = tflow.tflow()
-    flow.metadata.update(
-        {
-            problem.PROXY: "p",
-            problem.FORWARD: "https://api.example",
-            problem.REST: "/https://api.example/x",
-        }
-    )
-    Policy(settings).requestheaders(flow)
-    assert flow.response is None and flow.metadata[problem.DESTINATION]["port"] == 443
+
+    def forwarded(rest: str) -> http.HTTPFlow:
+        flow = tflow.tflow()
+        meta = {problem.PROXY: "p", problem.FORWARD: "https://api.example", problem.REST: rest}
+        flow.metadata.update(meta)
+        Policy(settings).requestheaders(flow)
+        return flow
+
+    elsewhere = forwarded("/https://api.example:8443/x")
+    assert elsewhere.response is not None and elsewhere.response.status_code == 403
+    assert problem.DESTINATION not in elsewhere.metadata
+    there = forwarded("/https://api.example/x")
+    assert there.response is None and there.metadata[problem.DESTINATION]["port"] == 443
