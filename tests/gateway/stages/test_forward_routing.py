@@ -153,6 +153,7 @@ def test_a_secret_as_part_of_a_basic_pair_is_refused(router: ForwardRouter) -> N
     flow = forward_flow("https://api.openai.com/v1/x", authorization=f"Basic {pair}")
     connect(router, flow)
     assert decided(router, flow) == (403, "secret-in-request")
+    assert flow.request.headers["authorization"] == "********"  # the flow may be saved
 
 
 def test_tunnels_are_forgotten_when_the_client_leaves_and_one_connection_has_one(

@@ -30,7 +30,7 @@ from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.mode_specs import RegularMode
 
-from keyswap.config.secrets import Redaction
+from keyswap.config.secrets import MASK_BYTES, Redaction, mask_tokens
 from keyswap.config.tokens import SHAPE_BYTES as TOKEN_SHAPE
 from keyswap.gateway import problem
 from keyswap.gateway.runtime import NO_PLACES, Runtime
@@ -80,7 +80,7 @@ class ForwardRouter:
             return  # refused by the firewall
         meta, request = flow.metadata, flow.request
         host, port = request.host.lower(), request.port
-        meta[problem.PATH] = hostport(host, port)  # as it was asked for: host:port
+        meta[problem.PATH] = mask_tokens(hostport(host, port))  # as asked for: host:port
         if self._carries_secret(flow):
             return
         index = self.settings.runtime.forward
@@ -167,8 +167,14 @@ class ForwardRouter:
         seen = b"\n".join([data.path, *values, *(_basic_pair(v) for v in values)])
         if not redact.holds_value(seen):
             return False
+
+        def masked(value: bytes) -> bytes:  # a Basic pair holding one: masked whole
+            return (
+                MASK_BYTES if redact.holds_value(_basic_pair(value)) else redact.mask_values(value)
+            )
+
         data.path = redact.mask_values(data.path)
-        data.headers.fields = tuple((k, redact.mask_values(v)) for k, v in data.headers.fields)
+        data.headers.fields = tuple((k, masked(v)) for k, v in data.headers.fields)
         problem.deny(flow, 403, "secret-in-request", SECRET)
         return True
 
